@@ -1,0 +1,245 @@
+"""Adapter files in Hugging Face PEFT's format: adapter_config.json + adapter_model.safetensors.
+
+Keys are `base_model.model.<module path>.lora_A.weight` (r x in) and `.lora_B.weight`
+(out x r), exactly what `peft.PeftModel.from_pretrained` reads, so an adapter written here
+serves anywhere PEFT does and PEFT's adapters load here. Nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from lora_dist.inject import InjectionReport, inject_lora
+from lora_dist.lora import LoraConfig, lora_layers
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+META_NAME = "lora_dist.json"  # our extras, kept out of adapter_config.json so PEFT stays quiet
+PREFIX = "base_model.model."
+
+# Config fields that do not change what the weights compute.
+_VOLATILE_CONFIG_KEYS = {
+    "_name_or_path",
+    "transformers_version",
+    "torch_dtype",
+    "dtype",
+    "use_cache",
+    "_attn_implementation",
+    "_attn_implementation_autoset",
+    "output_attentions",
+    "output_hidden_states",
+}
+
+
+class AdapterError(ValueError):
+    """An adapter directory that cannot be loaded as asked, with the reason."""
+
+
+def base_identity(base_config: Any) -> str:
+    """SHA-256 of the architecture-defining fields of a Hugging Face model config."""
+    fields = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
+    kept = {k: v for k, v in fields.items() if k not in _VOLATILE_CONFIG_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA factors of an unsharded model under PEFT's key names."""
+    state = {}
+    for path, layer in lora_layers(model).items():
+        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach()
+        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach()
+    return state
+
+
+def peft_config_dict(
+    config: LoraConfig,
+    target_modules: list[str] | str,
+    base_name_or_path: str,
+    fan_in_fan_out: bool,
+) -> dict[str, Any]:
+    """The adapter_config.json that PEFT's LoraConfig reads."""
+    return {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "target_modules": target_modules,
+        "use_rslora": config.use_rslora,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True if config.init == "kaiming" else "gaussian",
+        "base_model_name_or_path": base_name_or_path,
+        "inference_mode": True,
+        "modules_to_save": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+    }
+
+
+def _write_atomic(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    write(tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def save_adapter(
+    out_dir: str | Path,
+    state: dict[str, torch.Tensor],
+    config: LoraConfig,
+    target_modules: list[str] | str,
+    base_config: Any,
+    base_name_or_path: str,
+    fan_in_fan_out: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
+    """Write `state` (PEFT keys, whole tensors) and its config to `out_dir`; returns out_dir.
+
+    `dtype` casts the saved factors (e.g. fp16 for the smallest shippable file).
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        k: (v.to(dtype) if dtype else v).detach().cpu().contiguous() for k, v in state.items()
+    }
+    for key, value in tensors.items():
+        if value.numel() == 0:
+            raise AdapterError(f"refusing to save an empty tensor for {key}: was it gathered?")
+    peft_cfg = peft_config_dict(config, target_modules, base_name_or_path, fan_in_fan_out)
+    meta = {"base_identity": base_identity(base_config), "format": 1}
+    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    for name, body in ((CONFIG_NAME, peft_cfg), (META_NAME, meta)):
+        _write_atomic(out / name, lambda p, b=body: p.write_text(json.dumps(b, indent=2) + "\n"))
+    return out
+
+
+def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
+    """Read and validate adapter_config.json, with errors that say what is wrong."""
+    path = Path(adapter_dir) / CONFIG_NAME
+    if not path.is_file():
+        raise AdapterError(f"{path} does not exist: {adapter_dir} is not an adapter directory")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{path} is not valid JSON: {exc}") from exc
+    if cfg.get("peft_type") != "LORA":
+        raise AdapterError(f"{path}: peft_type is {cfg.get('peft_type')!r}, only 'LORA' loads")
+    for key in ("r", "lora_alpha", "target_modules"):
+        if key not in cfg:
+            raise AdapterError(f"{path} lacks the field {key!r}")
+    unsupported = {
+        k: cfg.get(k)
+        for k in (
+            "rank_pattern",
+            "alpha_pattern",
+            "modules_to_save",
+            "use_dora",
+            "layers_to_transform",
+        )
+        if cfg.get(k)
+    }
+    if cfg.get("bias", "none") != "none":
+        unsupported["bias"] = cfg["bias"]
+    if unsupported:
+        raise AdapterError(f"{path}: unsupported PEFT options {unsupported}")
+    return cfg
+
+
+def lora_config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
+    """Our LoraConfig for a PEFT adapter_config dict."""
+    targets = cfg["target_modules"]
+    return LoraConfig(
+        r=int(cfg["r"]),
+        alpha=float(cfg["lora_alpha"]),
+        dropout=float(cfg.get("lora_dropout", 0.0) or 0.0),
+        targets=list(targets) if isinstance(targets, list) else f"re:{targets}",
+        use_rslora=bool(cfg.get("use_rslora", False)),
+        init="gaussian" if cfg.get("init_lora_weights") == "gaussian" else "kaiming",
+    )
+
+
+def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Load adapter_model.safetensors, refusing pickle formats and reporting corruption."""
+    adapter_dir = Path(adapter_dir)
+    path = adapter_dir / WEIGHTS_NAME
+    if not path.is_file():
+        if (adapter_dir / "adapter_model.bin").exists():
+            raise AdapterError(
+                f"{adapter_dir} holds only adapter_model.bin, a pickle; lora-dist never "
+                "unpickles. Convert it to safetensors in a trusted environment."
+            )
+        raise AdapterError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise AdapterError(f"{path} is corrupt or truncated: {exc}") from exc
+
+
+def check_base_identity(adapter_dir: str | Path, base_config: Any) -> None:
+    """Refuse an adapter trained on a different base (when the adapter records its base)."""
+    meta_path = Path(adapter_dir) / META_NAME
+    if not meta_path.is_file():
+        return  # written by PEFT or another tool: shapes are still checked on load
+    recorded = json.loads(meta_path.read_text()).get("base_identity")
+    actual = base_identity(base_config)
+    if recorded and recorded != actual:
+        raise AdapterError(
+            f"{adapter_dir} was trained on a different base model (config hash "
+            f"{recorded[:12]}, this base {actual[:12]}); load it on the base it was trained on"
+        )
+
+
+def load_adapter_into(
+    model: nn.Module,
+    weights: dict[str, torch.Tensor],
+    strict: bool = True,
+) -> None:
+    """Copy PEFT-keyed factors into a model's existing LoRA layers, checking every shape."""
+    layers = lora_layers(model)
+    expected = set()
+    for path, layer in layers.items():
+        for name, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
+            key = f"{PREFIX}{path}.{name}.weight"
+            expected.add(key)
+            if key not in weights:
+                if strict:
+                    raise AdapterError(f"adapter has no tensor {key}")
+                continue
+            value = weights[key]
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterError(
+                    f"{key} has shape {tuple(value.shape)} but this model needs "
+                    f"{tuple(param.shape)}: different rank or base model"
+                )
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
+    unexpected = sorted(set(weights) - expected)
+    if unexpected and strict:
+        raise AdapterError(f"adapter tensors match no LoRA layer of this model: {unexpected[:5]}")
+
+
+def load_adapter(
+    model: nn.Module, adapter_dir: str | Path, lora_dtype: torch.dtype | None = None
+) -> InjectionReport:
+    """Inject LoRA as the adapter's config says and load its weights into `model`."""
+    cfg = read_adapter_config(adapter_dir)
+    check_base_identity(adapter_dir, model.config)
+    weights = read_adapter_weights(adapter_dir)
+    lora_cfg = lora_config_from_peft(cfg)
+    lora_cfg.lora_dtype = lora_dtype
+    # Factors are stored in PEFT's orientation whatever the base layout, so fan_in_fan_out only
+    # matters for merging, and each layer knows its own base's layout.
+    report = inject_lora(model, lora_cfg)
+    load_adapter_into(model, weights)
+    return report

@@ -1,0 +1,177 @@
+"""Putting LoRA layers into a model: target presets per architecture, injection, freezing, counts."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from lora_dist.lora import LoraConfig, LoraLinear
+
+# Module-name suffixes per architecture and role. Fused-QKV architectures (GPT-2, GPT-NeoX,
+# Falcon, BLOOM) have no separate q and v maps: "attn" adapts the fused map, as PEFT does.
+_LLAMA = {
+    "attn": ["q_proj", "v_proj"],
+    "attn-all": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+}
+_FUSED = {
+    "attn": ["query_key_value"],
+    "attn-all": ["query_key_value", "dense"],
+    "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
+}
+PRESETS: dict[str, dict[str, list[str]]] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "gpt2": {
+        "attn": ["c_attn"],
+        "attn-all": ["c_attn", "attn.c_proj"],
+        "mlp": ["mlp.c_fc", "mlp.c_proj"],
+    },
+    "gpt_neox": _FUSED,
+    "falcon": _FUSED,
+    "bloom": _FUSED,
+    "opt": {
+        "attn": ["q_proj", "v_proj"],
+        "attn-all": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "mlp": ["fc1", "fc2"],
+    },
+    "gptj": {
+        "attn": ["q_proj", "v_proj"],
+        "attn-all": ["q_proj", "k_proj", "v_proj", "out_proj"],
+        "mlp": ["fc_in", "fc_out"],
+    },
+}
+PRESET_NAMES = ("attn", "attn-all", "all", "all-linear")
+
+# Modules that LoRA can wrap. The distributed package registers tensor-parallel linears here.
+LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, tuple(LINEAR_TYPES)) and not isinstance(module, LoraLinear)
+
+
+@dataclass
+class InjectionReport:
+    """What injection did, for logs and metrics."""
+
+    layers: dict[str, LoraLinear]
+    """The LoRA layers, keyed by the path of the module each one wraps."""
+    target_modules: list[str] | str
+    """The targets as PEFT's adapter_config.json states them: suffixes, or a regex."""
+    trainable_params: int
+    total_params: int
+
+    def summary(self) -> str:
+        pct = 100.0 * self.trainable_params / max(self.total_params, 1)
+        return (
+            f"LoRA on {len(self.layers)} modules; trainable params {self.trainable_params:,} "
+            f"of {self.total_params:,} ({pct:.4f}%)"
+        )
+
+
+def resolve_targets(targets: str | list[str], model_type: str | None) -> list[str] | str:
+    """Turn a preset, a comma list of suffixes, or 're:<regex>' into PEFT-style targets.
+
+    Returns a list of module-name suffixes, a regex string (matched in full against module
+    paths, as PEFT does), or "all-linear".
+    """
+    if isinstance(targets, list):
+        return targets
+    spec = targets.strip()
+    if spec.startswith("re:"):
+        return spec[3:]
+    if spec == "all-linear":
+        return spec
+    if spec in ("attn", "attn-all", "all"):
+        if model_type not in PRESETS:
+            raise ValueError(
+                f"no target preset for model_type {model_type!r} (presets exist for "
+                f"{sorted(PRESETS)}); pass module-name suffixes such as 'q_proj,v_proj', "
+                "a 're:<regex>', or 'all-linear'"
+            )
+        roles = PRESETS[model_type]
+        if spec == "all":
+            return roles["attn-all"] + roles["mlp"]
+        return list(roles[spec])
+    names = [t.strip() for t in spec.split(",") if t.strip()]
+    if not names:
+        raise ValueError("lora targets are empty; use e.g. 'attn' or 'q_proj,v_proj'")
+    return names
+
+
+def _matches(name: str, targets: list[str] | str, output_layer: nn.Module | None, module) -> bool:
+    if targets == "all-linear":
+        return module is not output_layer
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def _output_layer(model: nn.Module) -> nn.Module | None:
+    get = getattr(model, "get_output_embeddings", None)
+    return get() if callable(get) else None
+
+
+def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
+    """Paths of the linear modules that `targets` selects; an error lists what exists."""
+    output_layer = _output_layer(model)
+    linear = {name: m for name, m in model.named_modules() if is_linear(m)}
+    chosen = [n for n, m in linear.items() if _matches(n, targets, output_layer, m)]
+    if not chosen:
+        leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ValueError(
+            f"lora targets {targets!r} match no linear module. Linear module names in this "
+            f"model: {', '.join(leaf_names)}"
+        )
+    return chosen
+
+
+def inject_lora(
+    model: nn.Module,
+    config: LoraConfig,
+    layer_factory: Callable[[nn.Module, LoraConfig], LoraLinear] = LoraLinear,
+) -> InjectionReport:
+    """Wrap the targeted linear modules in LoRA layers, freeze everything else.
+
+    Only the new A and B factors are trainable afterwards; they are chosen by module identity,
+    not by matching parameter names. `layer_factory` lets the distributed package build LoRA
+    layers that understand tensor-parallel bases.
+    """
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    targets = resolve_targets(config.targets, model_type)
+    paths = find_targets(model, targets)
+    model.requires_grad_(False)
+    layers: dict[str, LoraLinear] = {}
+    for path in paths:
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        layer = layer_factory(getattr(parent, child), config)
+        setattr(parent, child, layer)
+        layers[path] = layer
+    for layer in layers.values():
+        layer.lora_A.requires_grad_(True)
+        layer.lora_B.requires_grad_(True)
+    if targets == "all-linear":  # PEFT expands it the same way; a list is portable
+        targets = sorted({p.rsplit(".", 1)[-1] for p in paths})
+    return InjectionReport(
+        layers=layers,
+        target_modules=targets,
+        trainable_params=sum(numel(p) for p in model.parameters() if p.requires_grad),
+        total_params=sum(numel(p) for p in model.parameters()),
+    )
+
+
+def numel(param: nn.Parameter) -> int:
+    """A parameter's element count, also when ZeRO-3 has partitioned it away."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that carry gradients: the LoRA factors after inject_lora."""
+    return [p for p in model.parameters() if p.requires_grad]
