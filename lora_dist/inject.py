@@ -1,4 +1,4 @@
-"""Putting LoRA layers into a model: target presets per architecture, injection, freezing, counts."""
+"""Putting LoRA into a model: target presets per architecture, injection, freezing, counts."""
 
 from __future__ import annotations
 
