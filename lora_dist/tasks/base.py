@@ -29,5 +29,7 @@ class Task(Protocol):
     def target(self, row: dict[str, Any]) -> str:
         """The text the model must produce; loss counts only on its tokens."""
 
-    def score(self, predictions: list[str], rows: list[dict[str, Any]], data_dir: Path) -> dict[str, float]:
+    def score(
+        self, predictions: list[str], rows: list[dict[str, Any]], data_dir: Path
+    ) -> dict[str, float]:
         """Task metrics for generated `predictions` against `rows` (same order)."""
