@@ -1,0 +1,373 @@
+"""Model shapes for `lora-dist plan` (presets or a local HF config.json) and their LoRA sizes."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+# Megatron tensor parallelism splits these by output columns (their biases split with them); the
+# remaining projections (o, down, fc_out) split by input rows and keep a replicated bias.
+COLUMN_PARALLEL = frozenset({"q", "k", "v", "qkv", "gate", "up", "fc_in"})
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+TARGET_GROUPS = {
+    "attn": ("q", "v"),
+    "attn-all": ("q", "k", "v", "o"),
+    "all": ("q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out"),
+}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a decoder-only transformer that decide its memory and its LoRA size."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    tied_embeddings: bool
+    gated_mlp: bool
+    projections: dict[str, tuple[int, int]]
+    """(in, out) of each LoRA-targetable Linear in one layer. Fused attention has one "qkv"."""
+    biased: frozenset[str] = frozenset()
+    """Projections that carry a bias vector."""
+    norms_per_layer: int = 2
+    norm_bias: bool = False
+    """LayerNorm (weight and bias) rather than RMSNorm (weight only)."""
+    positions: int = 0
+    """Rows of a learned position embedding; 0 for rotary or ALiBi models."""
+    embed_dim: int = 0
+    """Width of the token embedding when it differs from `hidden` (OPT-350m); 0 means hidden."""
+    extra_params: int = 0
+    """Small replicated tensors outside the layers: final norm, embedding norm, lm_head bias."""
+    seq_len: int = 2048
+    """The model's context length, used when the run does not set one."""
+
+    @property
+    def fused_qkv(self) -> bool:
+        return "qkv" in self.projections
+
+    def tensors(self) -> list[tuple[int, int, bool]]:
+        """Every parameter tensor as (numel, how many, split by tensor parallelism)."""
+        rows = [(i * o, self.layers, True) for i, o in self.projections.values()]
+        rows += [
+            (o, self.layers, p in COLUMN_PARALLEL)
+            for p, (_, o) in self.projections.items()
+            if p in self.biased
+        ]
+        rows.append((self.hidden, self.layers * self.norms_per_layer * (1 + self.norm_bias), False))
+        embed = self.embed_dim or self.hidden
+        rows.append((self.vocab * embed, 1 if self.tied_embeddings else 2, True))  # vocab-parallel
+        if embed != self.hidden:  # project_in and project_out
+            rows.append((embed * self.hidden, 2, False))
+        if self.positions:
+            rows.append((self.positions * self.hidden, 1, False))
+        if self.extra_params:
+            rows.append((self.extra_params, 1, False))
+        return rows
+
+    @property
+    def param_count(self) -> int:
+        return sum(n * count for n, count, _ in self.tensors())
+
+
+def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    if default is None:
+        raise ValueError(f"config.json has none of the fields {', '.join(keys)}")
+    return default
+
+
+def _llama(cfg: dict[str, Any]) -> dict[str, Any]:
+    """LLaMA, Mistral, Qwen2: separate q/k/v/o, gated SiLU MLP, RMSNorm, rotary."""
+    h, a = cfg["hidden_size"], cfg["num_attention_heads"]
+    kv = _get(cfg, "num_key_value_heads", default=a)
+    hd, i = _get(cfg, "head_dim", default=h // a), cfg["intermediate_size"]
+    proj = {"q": (h, a * hd), "k": (h, kv * hd), "v": (h, kv * hd), "o": (a * hd, h)}
+    proj |= {"gate": (h, i), "up": (h, i), "down": (i, h)}
+    biased = {"q", "k", "v"} if cfg.get("model_type") == "qwen2" else set()
+    biased |= {"q", "k", "v", "o"} if cfg.get("attention_bias") else set()
+    biased |= {"gate", "up", "down"} if cfg.get("mlp_bias") else set()
+    return dict(
+        heads=a,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=i,
+        gated_mlp=True,
+        projections=proj,
+        biased=frozenset(biased),
+        extra_params=h,
+        tied_embeddings=cfg.get("tie_word_embeddings", False),
+        seq_len=_get(cfg, "max_position_embeddings", default=4096),
+    )
+
+
+def _plain(h: int, a: int, kv: int, i: int, fused: bool, **rest: Any) -> dict[str, Any]:
+    """A GELU MLP with fc_in/fc_out and attention either fused (qkv) or separate."""
+    hd = h // a
+    attn = {"qkv": (h, (a + 2 * kv) * hd)} if fused else {"q": (h, h), "k": (h, h), "v": (h, h)}
+    proj = attn | {"o": (h, h), "fc_in": (h, i), "fc_out": (i, h)}
+    return dict(
+        heads=a,
+        kv_heads=kv,
+        head_dim=hd,
+        intermediate=i,
+        gated_mlp=False,
+        projections=proj,
+        norm_bias=True,
+        **rest,
+    )
+
+
+def _gpt2(cfg: dict[str, Any]) -> dict[str, Any]:
+    h, a = cfg["n_embd"], cfg["n_head"]
+    return _plain(
+        h,
+        a,
+        a,
+        _get(cfg, "n_inner", default=4 * h),
+        True,
+        biased=frozenset({"qkv", "o", "fc_in", "fc_out"}),
+        positions=cfg["n_positions"],
+        extra_params=2 * h,
+        tied_embeddings=cfg.get("tie_word_embeddings", True),
+        seq_len=cfg["n_positions"],
+    )
+
+
+def _neox(cfg: dict[str, Any]) -> dict[str, Any]:
+    h, a = cfg["hidden_size"], cfg["num_attention_heads"]
+    bias = {"qkv", "o"} if cfg.get("attention_bias", True) else set()
+    return _plain(
+        h,
+        a,
+        a,
+        cfg["intermediate_size"],
+        True,
+        biased=frozenset(bias | {"fc_in", "fc_out"}),
+        extra_params=2 * h,
+        tied_embeddings=cfg.get("tie_word_embeddings", False),
+        seq_len=_get(cfg, "max_position_embeddings", default=2048),
+    )
+
+
+def _opt(cfg: dict[str, Any], position_offset: int = 2) -> dict[str, Any]:
+    """OPT (and GPT-3, which OPT copies): separate q/k/v/o and fc1/fc2, all biased, learned pos."""
+    h, a = cfg["hidden_size"], cfg["num_attention_heads"]
+    seq = cfg["max_position_embeddings"]
+    final_norm = cfg.get("do_layer_norm_before", True) and not cfg.get("_remove_final_layer_norm")
+    biased = {"q", "k", "v", "o", "fc_in", "fc_out"} if cfg.get("enable_bias", True) else set()
+    return _plain(
+        h,
+        a,
+        a,
+        cfg["ffn_dim"],
+        False,
+        biased=frozenset(biased),
+        positions=seq + position_offset,
+        extra_params=2 * h if final_norm else 0,
+        embed_dim=_get(cfg, "word_embed_proj_dim", default=h),
+        tied_embeddings=cfg.get("tie_word_embeddings", True),
+        seq_len=seq,
+    )
+
+
+def _falcon(cfg: dict[str, Any]) -> dict[str, Any]:
+    h, a = cfg["hidden_size"], _get(cfg, "num_attention_heads", "n_head")
+    new, parallel = cfg.get("new_decoder_architecture"), cfg.get("parallel_attn", True)
+    if new:
+        kv = _get(cfg, "num_kv_heads", "n_head_kv", default=a)
+    else:
+        kv = 1 if cfg.get("multi_query", True) else a
+    # Falcon's decoder layer: two norms unless attention runs in parallel with one shared norm.
+    norms = _get(cfg, "num_ln_in_parallel_attn", default=2 if new else 1) if parallel else 2
+    bias = frozenset({"qkv", "o", "fc_in", "fc_out"}) if cfg.get("bias") else frozenset()
+    return _plain(
+        h,
+        a,
+        kv,
+        _get(cfg, "ffn_hidden_size", default=4 * h),
+        True,
+        biased=bias,
+        norms_per_layer=norms,
+        extra_params=2 * h,
+        tied_embeddings=cfg.get("tie_word_embeddings", True),
+        seq_len=_get(cfg, "max_position_embeddings", default=2048),
+    )
+
+
+def _bloom(cfg: dict[str, Any]) -> dict[str, Any]:
+    h, a = _get(cfg, "hidden_size", "n_embed"), _get(cfg, "n_head", "num_attention_heads")
+    return _plain(
+        h,
+        a,
+        a,
+        4 * h,
+        True,
+        biased=frozenset({"qkv", "o", "fc_in", "fc_out"}),
+        extra_params=4 * h,  # word_embeddings_layernorm and ln_f
+        tied_embeddings=cfg.get("tie_word_embeddings", True),
+        seq_len=_get(cfg, "seq_length", default=2048),
+    )
+
+
+def _gptj(cfg: dict[str, Any]) -> dict[str, Any]:
+    h, a, tied = cfg["n_embd"], cfg["n_head"], cfg.get("tie_word_embeddings", False)
+    return _plain(
+        h,
+        a,
+        a,
+        _get(cfg, "n_inner", default=4 * h),
+        False,
+        biased=frozenset({"fc_in", "fc_out"}),
+        norms_per_layer=1,
+        extra_params=2 * h + (0 if tied else cfg["vocab_size"]),  # ln_f, lm_head bias
+        tied_embeddings=tied,
+        seq_len=cfg["n_positions"],
+    )
+
+
+FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    "llama": _llama,
+    "mistral": _llama,
+    "qwen2": _llama,
+    "gpt2": _gpt2,
+    "gpt_neox": _neox,
+    "opt": _opt,
+    "gpt3": lambda cfg: _opt(cfg, position_offset=0),
+    "falcon": _falcon,
+    "RefinedWeb": _falcon,
+    "RefinedWebModel": _falcon,
+    "bloom": _bloom,
+    "gptj": _gptj,
+}
+
+
+def shape_from_hf_config(cfg: dict[str, Any], name: str = "model") -> ModelShape:
+    """Read a Hugging Face config dict. Fused-QKV families get one "qkv" projection."""
+    family = cfg.get("model_type")
+    if family not in FAMILIES:
+        raise ValueError(
+            f"{name}: model_type {family!r} is not supported; supported: "
+            f"{', '.join(sorted(FAMILIES))}"
+        )
+    try:
+        fields = FAMILIES[family](cfg)
+        layers = _get(cfg, "num_hidden_layers", "n_layer", "num_layers")
+        hidden = _get(cfg, "hidden_size", "n_embd", "n_embed", "d_model")
+        return ModelShape(
+            name=name, layers=layers, hidden=hidden, vocab=cfg["vocab_size"], **fields
+        )
+    except KeyError as missing:
+        raise ValueError(f"{name}: config.json for {family} lacks the field {missing}") from None
+
+
+def _preset(family: str, **cfg: Any) -> dict[str, Any]:
+    return {"model_type": family, **cfg}
+
+
+def _llama_preset(h: int, layers: int, heads: int, kv: int, i: int, vocab: int, seq: int) -> dict:
+    return _preset(
+        "llama",
+        hidden_size=h,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        intermediate_size=i,
+        vocab_size=vocab,
+        max_position_embeddings=seq,
+    )
+
+
+# Published architectures. GPT-3 13B's d_model is printed as 5140 in Brown et al. (2020), Table 2.1,
+# which 40 heads of 128 cannot give; 5120 (as in OPT-13B) is used.
+PRESETS: dict[str, dict[str, Any]] = {
+    "gpt3-175b": _preset(
+        "gpt3",
+        hidden_size=12288,
+        num_hidden_layers=96,
+        num_attention_heads=96,
+        ffn_dim=49152,
+        vocab_size=50257,
+        max_position_embeddings=2048,
+    ),
+    "gpt3-13b": _preset(
+        "gpt3",
+        hidden_size=5120,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        ffn_dim=20480,
+        vocab_size=50257,
+        max_position_embeddings=2048,
+    ),
+    "llama-2-7b": _llama_preset(4096, 32, 32, 32, 11008, 32000, 4096),
+    "llama-2-13b": _llama_preset(5120, 40, 40, 40, 13824, 32000, 4096),
+    "llama-2-70b": _llama_preset(8192, 80, 64, 8, 28672, 32000, 4096),
+    "llama-3-8b": _llama_preset(4096, 32, 32, 8, 14336, 128256, 8192),
+    "llama-3-70b": _llama_preset(8192, 80, 64, 8, 28672, 128256, 8192),
+    "opt-66b": _preset(
+        "opt",
+        hidden_size=9216,
+        num_hidden_layers=64,
+        num_attention_heads=72,
+        ffn_dim=36864,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+    ),
+}
+
+
+def load_shape(model: str) -> ModelShape:
+    """A preset name, a config.json file, or a model directory holding one."""
+    if model in PRESETS:
+        return shape_from_hf_config(PRESETS[model], name=model)
+    path = Path(model)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no "
+            f"config.json at {path}"
+        )
+    return shape_from_hf_config(json.loads(path.read_text()), name=model)
+
+
+def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[str, ...]:
+    """Projection keys of `shape` that a target spec adapts (q,k,v map to a fused "qkv")."""
+    group = TARGET_GROUPS.get(targets) if isinstance(targets, str) else None
+    names = group or (
+        [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
+    )
+    keys: list[str] = []
+    for name in names:
+        key = "qkv" if shape.fused_qkv and name in ("q", "k", "v") else name
+        if key not in shape.projections:
+            if group:  # "all" lists both MLP namings; keep the ones this model has
+                continue
+            raise ValueError(
+                f"target {name!r} is not a projection of {shape.name}; use "
+                f"{', '.join(TARGET_GROUPS)} or a comma list of "
+                f"{', '.join(shape.projections)}"
+            )
+        if key not in keys:
+            keys.append(key)
+    return tuple(keys)
+
+
+def lora_param_count(shape: ModelShape, r: int, targets: str | Sequence[str]) -> int:
+    """Trainable LoRA parameters: r * (d_in + d_out) per adapted Linear per layer."""
+    keys = resolve_targets(shape, targets)
+    return shape.layers * sum(r * sum(shape.projections[k]) for k in keys)
+
+
+def adapter_bytes(shape: ModelShape, r: int, targets: str | Sequence[str], dtype: str) -> int:
+    """Size of the saved adapter tensors (file headers aside)."""
+    return lora_param_count(shape, r, targets) * DTYPE_BYTES[dtype]
