@@ -1,0 +1,89 @@
+"""ZeRO-3 concerns: gathering sharded parameters, keeping LoRA factors whole, counting shards."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from lora_dist.adapter import PREFIX
+from lora_dist.lora import lora_layers
+
+
+def is_zero3_param(param: torch.Tensor) -> bool:
+    return hasattr(param, "ds_id")
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -> Iterator[None]:
+    """Make ZeRO-3 partitioned `params` whole inside the block; a no-op for ordinary tensors.
+
+    With `modifier_rank`, that rank's edits are broadcast to every rank on exit.
+    """
+    params = [p for p in params if is_zero3_param(p)]
+    if not params:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
+        yield
+
+
+def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The LoRA factors under PEFT key names, whole and on the CPU, on every rank.
+
+    Only the LoRA factors are gathered, never the base: under ZeRO-3 they are persistent
+    (never partitioned away after the first forward), so this costs at most one small
+    all-gather per factor.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in lora_layers(model).items():
+        for name in ("lora_A", "lora_B"):
+            param = getattr(layer, name)
+            with gathered([param]):
+                state[f"{PREFIX}{path}.{name}.weight"] = param.detach().float().cpu().clone()
+    return state
+
+
+def lora_persistence_threshold(model: nn.Module) -> int:
+    """The largest LoRA factor's element count: ZeRO-3 keeps parameters up to it whole.
+
+    Setting `stage3_param_persistence_threshold` to this keeps every LoRA factor replicated
+    and unpartitioned while partitioning every base weight that is larger.
+    """
+    sizes = [p.numel() for layer in lora_layers(model).values() for p in layer.parameters()]
+    sizes = [s for s in sizes if s > 0]
+    return max(sizes, default=0)
+
+
+def local_param_numel(model: nn.Module) -> tuple[int, int]:
+    """(elements this rank stores, elements of the whole model) over all parameters.
+
+    Under ZeRO-3 a rank stores its partition `ds_tensor`; otherwise it stores everything.
+    """
+    local = total = 0
+    for p in model.parameters():
+        if is_zero3_param(p):
+            local += p.ds_tensor.numel()
+            total += p.ds_numel
+        else:
+            local += p.numel()
+            total += p.numel()
+    return local, total
+
+
+def frozen_local_numel(model: nn.Module) -> int:
+    """Elements of frozen (base) parameters that this rank stores."""
+    n = 0
+    for p in model.parameters():
+        if not p.requires_grad:
+            n += p.ds_tensor.numel() if is_zero3_param(p) else p.numel()
+    return n
+
+
+def zero_stage(ds_config: dict[str, Any]) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))

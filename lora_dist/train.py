@@ -1,0 +1,394 @@
+"""The training job: LoRA (or full fine-tuning) of a causal LM inside a DeepSpeed engine.
+
+Setup builds the model so that no rank ever holds the whole base under ZeRO-3, injects LoRA,
+and hands only the trainable parameters to the optimizer. The loop reads a deterministic data
+order, logs to TensorBoard from rank 0, evaluates the dev loss, and saves PEFT-format adapters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_dist.ds_config import (
+    BatchLayout,
+    ConfigError,
+    batch_layout,
+    load_ds_config,
+    model_dtype,
+    prepare_for_run,
+)
+from lora_dist.lora import LoraConfig
+
+EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue me
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # ranks must not fork tokenizer pools
+
+
+@dataclass
+class TrainConfig:
+    """Everything one training run needs besides the DeepSpeed JSON."""
+
+    ds_config: str = "ds_configs/zero3.json"
+    """DeepSpeed JSON: batch sizes, precision, ZeRO stage, optimizer, TP degree."""
+    model: str | None = None
+    """A local Hugging Face causal-LM directory; default: the embedded small LLaMA."""
+    task: str = "wikisql"
+    """Task name (see lora_dist.tasks)."""
+    data: str | None = None
+    """Directory of the task's files; default: the sample shipped with the task."""
+    output_dir: str = "runs/default"
+    """Where adapter/, tensorboard/, checkpoints/ and metrics.json go."""
+    max_steps: int | None = None
+    """Optimizer steps; overrides epochs when set."""
+    epochs: float = 12.0
+    """Passes over the training split when max_steps is not set."""
+    lora_r: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.0
+    lora_targets: str = "attn"
+    """A preset (attn = q,v as in the paper; attn-all; all; all-linear), suffixes, or re:..."""
+    use_rslora: bool = False
+    lr: float | None = None
+    """Peak learning rate; default: the optimizer lr in the DeepSpeed JSON."""
+    lr_schedule: str = "linear"
+    warmup_steps: int = 10
+    seed: int = 1234
+    max_length: int = 256
+    eval_every: int | None = None
+    """Evaluate the dev loss every N steps; default: five times per run."""
+    full_finetune: bool = False
+    """Train every weight (the paper's baseline) instead of LoRA."""
+    activation_checkpointing: bool = False
+    save_every: int | None = None
+    keep_last: int = 2
+    resume: str | None = None
+    """'auto' for the latest valid checkpoint in output_dir, or a checkpoint path."""
+
+
+def configure_train(parser: argparse.ArgumentParser) -> None:
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        default = getattr(defaults, f.name)
+        flag = f"--{f.name}"
+        if isinstance(default, bool):
+            parser.add_argument(flag, action="store_true", default=default)
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
+            parser.add_argument(flag, type=kind, default=default)
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
+    return train(cfg)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    if model is None:
+        from lora_dist.default_assets import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    return path
+
+
+def load_base_model(model_dir: Path, ds_cfg: dict[str, Any], stage: int) -> torch.nn.Module:
+    """from_pretrained, under ZeRO-3 straight into partitions so no rank holds the whole base."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # noqa: F841 (weakref'd)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(ds_cfg))
+
+
+class Trainer:
+    """One run: setup in __init__, then fit()."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        import deepspeed
+        from transformers import AutoTokenizer
+
+        from lora_dist.data import tokenize_split
+        from lora_dist.distributed.launch import init_distributed
+        from lora_dist.distributed.zero import lora_persistence_threshold, zero_stage
+        from lora_dist.inject import inject_lora
+        from lora_dist.monitor import Monitor
+        from lora_dist.schedule import DataOrder, lr_multiplier
+        from lora_dist.tasks import get_task
+
+        self.cfg = cfg
+        self.out = Path(cfg.output_dir)
+        raw_cfg = load_ds_config(cfg.ds_config)
+        self.rank_info = init_distributed()
+        self.rank, self.world = self.rank_info.rank, self.rank_info.world_size
+        self.layout: BatchLayout = batch_layout(raw_cfg, self.world)
+        self.dp_rank = self.rank // self.layout.tp
+        self.is_main = self.rank == 0
+        if self.is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+        self.stage = zero_stage(raw_cfg)
+
+        seed_everything(cfg.seed)
+        self.model_dir = resolve_model_dir(cfg.model)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+        self.task = get_task(cfg.task)
+        self.data_dir = Path(cfg.data) if cfg.data else self.task.sample_dir()
+        self.train_set = tokenize_split(
+            self.task, self.data_dir, "train", self.tokenizer, cfg.max_length
+        )
+        self.dev_set = tokenize_split(self.task, self.data_dir, "dev", self.tokenizer, cfg.max_length)
+
+        base_cfg = prepare_for_run(raw_cfg, self.layout, self.out, None, cfg.lr)
+        model = load_base_model(self.model_dir, base_cfg, self.stage)
+        self.lora = None
+        self.injection = None
+        if cfg.full_finetune:
+            model.requires_grad_(True)
+        else:
+            self.lora = LoraConfig(
+                r=cfg.lora_r,
+                alpha=cfg.lora_alpha,
+                dropout=cfg.lora_dropout,
+                targets=cfg.lora_targets,
+                use_rslora=cfg.use_rslora,
+            )
+            torch.manual_seed(cfg.seed)  # identical A on every rank
+            self.injection = inject_lora(model, self.lora)
+        if cfg.activation_checkpointing:
+            model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
+        threshold = None if cfg.full_finetune else lora_persistence_threshold(model)
+        self.ds_cfg = prepare_for_run(raw_cfg, self.layout, self.out, threshold, cfg.lr)
+
+        self.order = DataOrder(len(self.train_set), self.layout.global_batch, cfg.seed)
+        self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.order.steps_per_epoch))
+        self.eval_every = cfg.eval_every or max(1, self.total_steps // 5)
+        warmup = min(cfg.warmup_steps, self.total_steps // 10)
+
+        def schedule(optimizer):
+            return torch.optim.lr_scheduler.LambdaLR(
+                optimizer,
+                lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.lr_schedule),
+            )
+
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=trainable, config=self.ds_cfg, lr_scheduler=schedule
+        )
+        self.device = self.engine.device
+        self.step = 0
+        self.monitor = Monitor(self.out, self.is_main, self.total_steps, self.step)
+
+    # -- data -----------------------------------------------------------------------------------
+    def _batch(self, dataset, indices: list[int]) -> dict[str, torch.Tensor]:
+        from lora_dist.data import collate
+
+        batch = collate([dataset[i] for i in indices], self.tokenizer.pad_token_id)
+        return {k: v.to(self.device) for k, v in batch.items()}
+
+    def _all_reduce(self, values: list[float]) -> list[float]:
+        import torch.distributed as dist
+
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        if dist.is_initialized() and self.world > 1:
+            dist.all_reduce(t)
+        return t.tolist()
+
+    # -- evaluation -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def dev_loss(self) -> float:
+        """Token-weighted mean loss over the whole dev split, sharded over data-parallel ranks.
+
+        Every rank runs the same number of forward passes (ZeRO-3 gathers collectively), so a
+        rank whose shard runs out repeats an example with weight zero.
+        """
+        self.engine.eval()
+        n, dp, micro = len(self.dev_set), self.layout.dp, self.layout.micro_batch
+        mine = list(range(self.dp_rank, n, dp))
+        batches = math.ceil(math.ceil(n / dp) / micro)
+        total = count = 0.0
+        for b in range(batches):
+            idx = mine[b * micro : (b + 1) * micro]
+            weight = 1.0 if idx else 0.0
+            batch = self._batch(self.dev_set, idx or [0])
+            loss = self.engine(**batch).loss.float().item()
+            tokens = float((batch["labels"][:, 1:] != -100).sum())
+            total += weight * loss * tokens
+            count += weight * tokens
+        self.engine.train()
+        total, count = self._all_reduce([total / self.layout.tp, count / self.layout.tp])
+        return total / max(count, 1.0)
+
+    # -- training -------------------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        micro_batches = self.order.rank_micro_batches(
+            self.step, self.dp_rank, self.layout.dp, self.layout.micro_batch
+        )
+        losses, tokens = [], 0.0
+        for indices in micro_batches:
+            batch = self._batch(self.train_set, indices)
+            loss = self.engine(**batch).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            losses.append(loss.detach().float().item())
+            tokens += float(batch["attention_mask"].sum())
+        loss_sum, tokens = self._all_reduce([sum(losses) / len(losses), tokens])
+        grad_norm = self.engine.get_global_grad_norm()
+        return {
+            "loss": loss_sum / self.world,
+            "tokens": tokens / self.layout.tp,
+            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+        }
+
+    def fit(self) -> dict[str, Any]:
+        cfg, mon = self.cfg, self.monitor
+        if self.injection is not None:
+            mon.log(self.injection.summary())
+        mon.log(
+            f"world {self.world} = DP {self.layout.dp} x TP {self.layout.tp}; global batch "
+            f"{self.layout.global_batch} = micro {self.layout.micro_batch} x accum "
+            f"{self.layout.grad_accum} x DP {self.layout.dp}; {self.total_steps} steps"
+        )
+        first_dev = self.dev_loss()
+        mon.scalars(self.step, {"dev/loss": first_dev})
+        mon.log(f"step {self.step}: dev loss {first_dev:.4f}")
+        last: dict[str, float] = {}
+        dev = first_dev
+        tokens_total, started = 0.0, time.perf_counter()
+        while self.step < self.total_steps:
+            t0 = time.perf_counter()
+            last = self.train_step()
+            dt = time.perf_counter() - t0
+            self.step += 1
+            tokens_total += last["tokens"]
+            tps = last["tokens"] / dt
+            mon.scalars(
+                self.step,
+                {
+                    "train/loss": last["loss"],
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": last["grad_norm"],
+                    "tokens_per_s": tps,
+                    "samples_per_s": self.layout.global_batch / dt,
+                },
+            )
+            mon.progress(self.step, last["loss"], tps)
+            if self.step % self.eval_every == 0 or self.step == self.total_steps:
+                dev = self.dev_loss()
+                mon.scalars(self.step, {"dev/loss": dev})
+                mon.log(f"step {self.step}: train loss {last['loss']:.4f}, dev loss {dev:.4f}")
+        elapsed = time.perf_counter() - started
+        self.save_final()
+        return self.finish(first_dev, dev, last, tokens_total / elapsed, elapsed)
+
+    def save_final(self) -> None:
+        from lora_dist.adapter import save_adapter
+        from lora_dist.distributed.zero import gather_lora_state
+
+        if self.lora is None:
+            return  # full fine-tuning is the memory/accuracy baseline; it ships no adapter
+        state = gather_lora_state(self.engine.module)
+        if self.is_main:
+            layers = self.injection.layers.values()
+            save_adapter(
+                self.out / "adapter",
+                state,
+                self.lora,
+                self.injection.target_modules,
+                self.engine.module.config,
+                str(self.cfg.model or self.model_dir),
+                fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
+            )
+
+    def finish(
+        self, first_dev: float, dev: float, last: dict[str, float], tps: float, elapsed: float
+    ) -> dict[str, Any]:
+        from lora_dist.distributed.zero import frozen_local_numel, local_param_numel
+        from lora_dist.monitor import memory_kind, peak_memory_bytes, write_json
+
+        local, total = local_param_numel(self.engine.module)
+        per_rank = [0.0] * (3 * self.world)
+        per_rank[self.rank] = float(peak_memory_bytes())
+        per_rank[self.world + self.rank] = float(local)
+        per_rank[2 * self.world + self.rank] = float(frozen_local_numel(self.engine.module))
+        per_rank = self._all_reduce(per_rank)
+        w = self.world
+        trainable = sum(
+            int(getattr(p, "ds_numel", p.numel()))
+            for p in self.engine.module.parameters()
+            if p.requires_grad
+        )
+        metrics = {
+            "steps": self.step,
+            "mode": "full_finetune" if self.cfg.full_finetune else "lora",
+            "train_loss": last.get("loss"),
+            "dev_loss_initial": first_dev,
+            "dev_loss": dev,
+            "tokens_per_s": tps,
+            "elapsed_s": elapsed,
+            "peak_memory_bytes_per_rank": [int(x) for x in per_rank[:w]],
+            "peak_memory_kind": memory_kind(),
+            "param_numel_per_rank": [int(x) for x in per_rank[w : 2 * w]],
+            "frozen_param_numel_per_rank": [int(x) for x in per_rank[2 * w :]],
+            "trainable_params": trainable,
+            "total_params": total,
+            "world_size": self.world,
+            "dp": self.layout.dp,
+            "tp": self.layout.tp,
+            "zero_stage": self.stage,
+            "global_batch": self.layout.global_batch,
+        }
+        for r, peak in enumerate(metrics["peak_memory_bytes_per_rank"]):
+            self.monitor.scalars(self.step, {f"memory/peak_bytes_rank{r}": peak})
+        hparams = {k: v for k, v in asdict(self.cfg).items() if v is not None}
+        self.monitor.hparams(hparams, {"hparam/dev_loss": dev})
+        if self.is_main:
+            write_json(self.out / "metrics.json", metrics)
+        self.monitor.log(
+            f"done: {self.step} steps, dev loss {first_dev:.4f} -> {dev:.4f}, "
+            f"{tps:,.0f} tokens/s, outputs in {self.out}"
+        )
+        self.monitor.close()
+        return metrics
+
+
+def train(cfg: TrainConfig) -> int:
+    """Run one training job; returns the process exit code."""
+    Trainer(cfg).fit()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`launcher/train.py`: the training flags without a subcommand."""
+    parser = argparse.ArgumentParser(prog="train.py", description=__doc__)
+    configure_train(parser)
+    args = parser.parse_args(argv)
+    from lora_dist.adapter import AdapterError
+
+    try:
+        return run_train(args)
+    except (ConfigError, AdapterError, FileNotFoundError) as exc:
+        print(f"lora-dist: error: {exc}", file=sys.stderr)
+        return 2
+
