@@ -65,7 +65,8 @@ class Monitor:
 
     def hparams(self, hparams: dict[str, Any], metrics: dict[str, float]) -> None:
         if self.writer is not None:
-            clean = {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in hparams.items()}
+            simple = (int, float, str, bool)
+            clean = {k: v if isinstance(v, simple) else str(v) for k, v in hparams.items()}
             self.writer.add_hparams(clean, metrics, run_name=".")
 
     def close(self) -> None:

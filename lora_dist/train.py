@@ -130,8 +130,9 @@ class Trainer:
 
         from lora_dist.data import tokenize_split
         from lora_dist.distributed.launch import init_distributed
+        from lora_dist.distributed.preemption import PreemptionWatch
+        from lora_dist.distributed.tp import inject_lora_tp, shard_base_for_tp, zero_init_config
         from lora_dist.distributed.zero import lora_persistence_threshold, zero_stage
-        from lora_dist.inject import inject_lora
         from lora_dist.monitor import Monitor
         from lora_dist.schedule import DataOrder, lr_multiplier
         from lora_dist.tasks import get_task
@@ -156,13 +157,21 @@ class Trainer:
         self.train_set = tokenize_split(
             self.task, self.data_dir, "train", self.tokenizer, cfg.max_length
         )
-        self.dev_set = tokenize_split(self.task, self.data_dir, "dev", self.tokenizer, cfg.max_length)
+        self.dev_set = tokenize_split(
+            self.task, self.data_dir, "dev", self.tokenizer, cfg.max_length
+        )
 
         base_cfg = prepare_for_run(raw_cfg, self.layout, self.out, None, cfg.lr)
-        model = load_base_model(self.model_dir, base_cfg, self.stage)
+        model = load_base_model(self.model_dir, zero_init_config(base_cfg), self.stage)
+        self.mpu = shard_base_for_tp(model, base_cfg)  # AutoTP must see the bare linears
         self.lora = None
         self.injection = None
         if cfg.full_finetune:
+            if cfg.save_every or cfg.resume:
+                raise ConfigError(
+                    "--save_every/--resume checkpoint LoRA state only; --full_finetune is the "
+                    "memory and accuracy baseline and keeps no checkpoints"
+                )
             model.requires_grad_(True)
         else:
             self.lora = LoraConfig(
@@ -173,11 +182,14 @@ class Trainer:
                 use_rslora=cfg.use_rslora,
             )
             torch.manual_seed(cfg.seed)  # identical A on every rank
-            self.injection = inject_lora(model, self.lora)
+            self.injection = inject_lora_tp(model, self.lora)
         if cfg.activation_checkpointing:
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False}
             )
+        self.resume_path = self._find_resume() if cfg.resume else None
+        if self.resume_path is not None:
+            self._load_resume_weights(model)
         threshold = None if cfg.full_finetune else lora_persistence_threshold(model)
         self.ds_cfg = prepare_for_run(raw_cfg, self.layout, self.out, threshold, cfg.lr)
 
@@ -194,11 +206,21 @@ class Trainer:
 
         trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=trainable, config=self.ds_cfg, lr_scheduler=schedule
+            model=model,
+            model_parameters=trainable,
+            config=self.ds_cfg,
+            lr_scheduler=schedule,
+            mpu=self.mpu,
         )
         self.device = self.engine.device
         self.step = 0
+        self.train_losses: list[tuple[int, float]] = []
+        if self.resume_path is not None:
+            self._restore_engine_state()
+        self.preemption = PreemptionWatch(self.device)
         self.monitor = Monitor(self.out, self.is_main, self.total_steps, self.step)
+        if self.resume_path is not None:
+            self.monitor.log(f"resumed from {self.resume_path} at step {self.step}")
 
     # -- data -----------------------------------------------------------------------------------
     def _batch(self, dataset, indices: list[int]) -> dict[str, torch.Tensor]:
@@ -263,6 +285,7 @@ class Trainer:
 
     def fit(self) -> dict[str, Any]:
         cfg, mon = self.cfg, self.monitor
+        self.stopped_early = False
         if self.injection is not None:
             mon.log(self.injection.summary())
         mon.log(
@@ -281,6 +304,7 @@ class Trainer:
             last = self.train_step()
             dt = time.perf_counter() - t0
             self.step += 1
+            self.train_losses.append((self.step, last["loss"]))
             tokens_total += last["tokens"]
             tps = last["tokens"] / dt
             mon.scalars(
@@ -294,13 +318,164 @@ class Trainer:
                 },
             )
             mon.progress(self.step, last["loss"], tps)
+            self._append_log(last)
             if self.step % self.eval_every == 0 or self.step == self.total_steps:
                 dev = self.dev_loss()
                 mon.scalars(self.step, {"dev/loss": dev})
                 mon.log(f"step {self.step}: train loss {last['loss']:.4f}, dev loss {dev:.4f}")
+            if cfg.save_every and (
+                self.step % cfg.save_every == 0 or self.step == self.total_steps
+            ):
+                self.save_checkpoint()
+            if self.preemption.should_stop():
+                mon.log(f"stopping at step {self.step} on {self.preemption.signal_name()}")
+                self.save_checkpoint()
+                mon.close()
+                self.stopped_early = True
+                return {"steps": self.step, "preempted": True}
         elapsed = time.perf_counter() - started
         self.save_final()
         return self.finish(first_dev, dev, last, tokens_total / elapsed, elapsed)
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def _expected_identity(self) -> dict[str, Any]:
+        from lora_dist.checkpoint import base_fingerprint
+
+        lora = {
+            "r": self.lora.r,
+            "alpha": self.lora.alpha,
+            "targets": self.injection.target_modules,
+            "use_rslora": self.lora.use_rslora,
+        }
+        return {"base": base_fingerprint(self.model_dir), "lora": lora}
+
+    def _find_resume(self) -> Path | None:
+        """Rank 0 picks the checkpoint and every rank takes its word, so all load the same."""
+        from lora_dist.checkpoint import check_compatible, find_checkpoint
+        from lora_dist.distributed.collective import broadcast_object
+
+        choice = None
+        if self.is_main:
+            found = find_checkpoint(self.out, self.cfg.resume, lambda m: print(m, file=sys.stderr))
+            choice = str(found) if found else None
+            if found is None:
+                print(f"no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+        choice = broadcast_object(choice)
+        if choice is None:
+            return None
+        path = Path(choice)
+        check_compatible(path, self._expected_identity())
+        return path
+
+    def _load_resume_weights(self, model: torch.nn.Module) -> None:
+        from lora_dist.adapter import load_adapter_into, read_adapter_weights
+
+        load_adapter_into(model, read_adapter_weights(self.resume_path / "adapter"))
+
+    def _restore_engine_state(self) -> None:
+        import json
+
+        from lora_dist.checkpoint import load_tensors
+        from lora_dist.distributed.engine_state import restore_lora_optimizer_state, set_rng_state
+
+        path = self.resume_path
+        state = json.loads((path / "trainer_state.json").read_text())
+        if state["global_batch"] != self.layout.global_batch:
+            raise ConfigError(
+                f"{path} was trained with global batch {state['global_batch']}, this run has "
+                f"{self.layout.global_batch}; the data position would not carry over. Keep "
+                "train_batch_size unchanged when resuming."
+            )
+        restore_lora_optimizer_state(
+            self.engine, load_tensors(path / "optimizer.safetensors"), state["adam_steps"]
+        )
+        lambdas = [None] * len(state["scheduler"]["base_lrs"])  # functions are not saved
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
+        last_lrs = state["scheduler"]["_last_lr"]
+        for group, lr in zip(self.optimizer.param_groups, last_lrs, strict=True):
+            group["lr"] = lr
+        self.step = state["step"]
+        self.engine.global_steps = self.step
+        self.engine.global_samples = self.step * self.layout.global_batch
+        self.engine.micro_steps = self.step * self.layout.grad_accum
+        rng = load_tensors(path / "rng.safetensors")
+        if state["world_size"] == self.world:
+            cuda = rng.get(f"rank{self.rank}.cuda")
+            set_rng_state(rng[f"rank{self.rank}.torch"], state["rng"][self.rank], cuda)
+        else:  # another world size: fresh but reproducible streams per rank
+            seed_everything(self.cfg.seed + 1000 * self.step + self.rank)
+
+    def save_checkpoint(self) -> Path | None:
+        """Write checkpoints/step-<N>/ (collective: every rank gathers, rank 0 writes)."""
+        import json
+
+        from lora_dist.adapter import save_adapter
+        from lora_dist.checkpoint import save_tensors, write_checkpoint
+        from lora_dist.distributed.collective import barrier, gather_objects_to_main
+        from lora_dist.distributed.engine_state import (
+            gather_lora_optimizer_state,
+            optimizer_step_counts,
+            rng_state,
+        )
+        from lora_dist.distributed.zero import gather_lora_state
+
+        lora_state = gather_lora_state(self.engine.module)
+        optim_state = gather_lora_optimizer_state(self.engine)
+        torch_rng, other_rng = rng_state()
+        cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
+        rngs = gather_objects_to_main((torch_rng, cuda_rng, other_rng))
+        path = None
+        if self.is_main:
+            state = {
+                "step": self.step,
+                "epoch": self.order.epoch_of(self.step),
+                "samples_consumed": self.step * self.layout.global_batch,
+                "global_batch": self.layout.global_batch,
+                "total_steps": self.total_steps,
+                "seed": self.cfg.seed,
+                "world_size": self.world,
+                "adam_steps": optimizer_step_counts(self.engine),
+                "scheduler": {
+                    k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
+                },
+                "rng": [r[2] for r in rngs],
+            }
+            rng_tensors = {f"rank{r}.torch": t for r, (t, _, _) in enumerate(rngs)}
+            rng_tensors |= {f"rank{r}.cuda": c for r, (_, c, _) in enumerate(rngs) if c is not None}
+
+            def contents(tmp: Path) -> None:
+                self._save_adapter(tmp / "adapter", lora_state, save_adapter)
+                save_tensors(tmp / "optimizer.safetensors", optim_state)
+                save_tensors(tmp / "rng.safetensors", rng_tensors)
+                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+
+            world = {"world_size": self.world, "dp": self.layout.dp, "tp": self.layout.tp}
+            extra = {**self._expected_identity(), "world": world}
+            path = write_checkpoint(self.out, self.step, contents, extra, self.cfg.keep_last)
+            self.monitor.log(f"checkpoint saved: {path}")
+        barrier()
+        return path
+
+    def _append_log(self, values: dict[str, float]) -> None:
+        """One JSON line per step in train_log.jsonl (rank 0); a resumed run appends to it."""
+        import json
+
+        if self.is_main:
+            row = {"step": self.step, "lr": self.scheduler.get_last_lr()[0], **values}
+            with open(self.out / "train_log.jsonl", "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def _save_adapter(self, where: Path, state: dict[str, torch.Tensor], save_adapter) -> None:
+        layers = self.injection.layers.values()
+        save_adapter(
+            where,
+            state,
+            self.lora,
+            self.injection.target_modules,
+            self.engine.module.config,
+            str(self.cfg.model or self.model_dir),
+            fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
+        )
 
     def save_final(self) -> None:
         from lora_dist.adapter import save_adapter
@@ -310,30 +485,26 @@ class Trainer:
             return  # full fine-tuning is the memory/accuracy baseline; it ships no adapter
         state = gather_lora_state(self.engine.module)
         if self.is_main:
-            layers = self.injection.layers.values()
-            save_adapter(
-                self.out / "adapter",
-                state,
-                self.lora,
-                self.injection.target_modules,
-                self.engine.module.config,
-                str(self.cfg.model or self.model_dir),
-                fan_in_fan_out=any(layer.fan_in_fan_out for layer in layers),
-            )
+            self._save_adapter(self.out / "adapter", state, save_adapter)
 
     def finish(
         self, first_dev: float, dev: float, last: dict[str, float], tps: float, elapsed: float
     ) -> dict[str, Any]:
-        from lora_dist.distributed.zero import frozen_local_numel, local_param_numel
+        from lora_dist.distributed.zero import (
+            frozen_local_numel,
+            local_param_numel,
+            model_state_bytes,
+        )
         from lora_dist.monitor import memory_kind, peak_memory_bytes, write_json
 
         local, total = local_param_numel(self.engine.module)
-        per_rank = [0.0] * (3 * self.world)
-        per_rank[self.rank] = float(peak_memory_bytes())
-        per_rank[self.world + self.rank] = float(local)
-        per_rank[2 * self.world + self.rank] = float(frozen_local_numel(self.engine.module))
-        per_rank = self._all_reduce(per_rank)
         w = self.world
+        per_rank = [0.0] * (4 * w)
+        per_rank[self.rank] = float(peak_memory_bytes())
+        per_rank[w + self.rank] = float(local)
+        per_rank[2 * w + self.rank] = float(frozen_local_numel(self.engine.module))
+        per_rank[3 * w + self.rank] = float(model_state_bytes(self.engine)["total"])
+        per_rank = self._all_reduce(per_rank)
         trainable = sum(
             int(getattr(p, "ds_numel", p.numel()))
             for p in self.engine.module.parameters()
@@ -341,6 +512,8 @@ class Trainer:
         )
         metrics = {
             "steps": self.step,
+            "train_losses": self.train_losses,
+            "resumed_from": str(self.resume_path) if self.resume_path else None,
             "mode": "full_finetune" if self.cfg.full_finetune else "lora",
             "train_loss": last.get("loss"),
             "dev_loss_initial": first_dev,
@@ -350,7 +523,9 @@ class Trainer:
             "peak_memory_bytes_per_rank": [int(x) for x in per_rank[:w]],
             "peak_memory_kind": memory_kind(),
             "param_numel_per_rank": [int(x) for x in per_rank[w : 2 * w]],
-            "frozen_param_numel_per_rank": [int(x) for x in per_rank[2 * w :]],
+            "frozen_param_numel_per_rank": [int(x) for x in per_rank[2 * w : 3 * w]],
+            "model_state_bytes_per_rank": [int(x) for x in per_rank[3 * w :]],
+            "model_state_bytes_rank0": model_state_bytes(self.engine),
             "trainable_params": trainable,
             "total_params": total,
             "world_size": self.world,
@@ -374,9 +549,15 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
-    """Run one training job; returns the process exit code."""
-    Trainer(cfg).fit()
-    return 0
+    """Run one training job; returns the process exit code (EXIT_PREEMPTED after a signal)."""
+    import torch.distributed as dist
+
+    trainer = Trainer(cfg)
+    trainer.fit()
+    if dist.is_initialized():  # a clean teardown; without it gloo can abort the process at exit
+        dist.barrier()
+        dist.destroy_process_group()
+    return EXIT_PREEMPTED if trainer.stopped_early else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -385,10 +566,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_train(parser)
     args = parser.parse_args(argv)
     from lora_dist.adapter import AdapterError
+    from lora_dist.checkpoint import CheckpointError
 
     try:
         return run_train(args)
-    except (ConfigError, AdapterError, FileNotFoundError) as exc:
+    except (ConfigError, AdapterError, CheckpointError, FileNotFoundError) as exc:
         print(f"lora-dist: error: {exc}", file=sys.stderr)
         return 2
-

@@ -85,5 +85,40 @@ def frozen_local_numel(model: nn.Module) -> int:
     return n
 
 
+def _bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if torch.is_tensor(t) and t.numel() and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_state_bytes(engine) -> dict[str, int]:
+    """Bytes of model states this rank holds, counted from the engine's own tensors.
+
+    params: the rank's (partitioned) working weights; master: fp32 master partitions;
+    optimizer: optimizer state tensors (Adam moments); gradients: gradient partitions.
+    """
+    module = engine.module
+    params = _bytes(p.ds_tensor if is_zero3_param(p) else p for p in module.parameters())
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)
+    master_lists = [
+        getattr(zero, a, None) or []
+        for a in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups")
+    ]
+    masters = [t for lst in master_lists for t in lst]
+    optim = _bytes(v for state in inner.state.values() for v in state.values())
+    grads = _bytes(
+        getattr(zero, "grad_partitions_flat_buffer", None)
+        and [zero.grad_partitions_flat_buffer]
+        or [p.grad for p in module.parameters() if p.grad is not None]
+    )
+    out = {"params": params, "master": _bytes(masters), "optimizer": optim, "gradients": grads}
+    out["total"] = sum(out.values())
+    return out
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))

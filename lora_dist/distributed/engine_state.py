@@ -1,0 +1,125 @@
+"""Reading and restoring a DeepSpeed engine's LoRA-only state: Adam moments, fp32 masters, RNG.
+
+Under ZeRO the optimizer state is partitioned over data-parallel ranks. Each LoRA factor's
+state is gathered whole (a collective: every rank calls these functions together), so a
+checkpoint is independent of the world size and resumes on any number of ranks. The base has
+no optimizer state to gather.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+from torch import nn
+
+from lora_dist.adapter import PREFIX
+from lora_dist.lora import lora_layers
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+
+
+def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
+    params = {}
+    for path, layer in lora_layers(model).items():
+        params[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A
+        params[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B
+    return params
+
+
+def _plain_state(optimizer, param: nn.Parameter) -> dict[str, torch.Tensor]:
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return inner.state.get(param, {})
+
+
+def gather_lora_optimizer_state(engine) -> dict[str, torch.Tensor]:
+    """fp32 master weights and Adam moments of every LoRA factor, whole, keyed like the adapter."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+    out: dict[str, torch.Tensor] = {}
+    for key, param in _lora_params(engine.module).items():
+        master = safe_get_full_fp32_param(param)
+        if master is None:  # no ZeRO partitioning: the torch optimizer holds the state directly
+            state = _plain_state(engine.optimizer, param)
+            master = param.detach().float()
+            moments = {k: state[k] for k in ADAM_KEYS if k in state}
+        else:
+            moments = {k: safe_get_full_optimizer_state(param, k) for k in ADAM_KEYS}
+        shape = getattr(param, "ds_shape", param.shape)
+        out[f"{key}.master"] = master.detach().float().cpu().reshape(shape)
+        for k, value in moments.items():
+            if value is not None:
+                out[f"{key}.{k}"] = value.detach().float().cpu().reshape(shape)
+    return out
+
+
+def _inner_and_flat(engine) -> tuple[object, list[torch.Tensor]]:
+    """The torch-style optimizer and the tensors its state is keyed by.
+
+    ZeRO-3 steps flat fp32 partitions one sub-group at a time and empties param_groups in
+    between, ZeRO-1/2 keep one flat fp32 partition per group, and without ZeRO the optimizer
+    holds the parameters themselves.
+    """
+    zero = engine.optimizer
+    inner = getattr(zero, "optimizer", zero)
+    for attr in ("fp32_partitioned_groups_flat", "single_partition_of_fp32_groups"):
+        flat = getattr(zero, attr, None)
+        if flat:
+            return inner, list(flat)
+    return inner, [p for group in inner.param_groups for p in group["params"]]
+
+
+def optimizer_step_counts(engine) -> list[float]:
+    """Adam's step counter per optimizer state tensor (it sets the bias correction)."""
+    inner, flat = _inner_and_flat(engine)
+    return [float(inner.state[p]["step"]) for p in flat if "step" in inner.state.get(p, {})]
+
+
+def restore_lora_optimizer_state(
+    engine, tensors: dict[str, torch.Tensor], steps: list[float]
+) -> None:
+    """Put gathered LoRA state back into a freshly initialised engine (any world size)."""
+    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+    inner, flat = _inner_and_flat(engine)
+    count = steps[0] if steps else 0
+    for p in flat:  # Adam creates its state lazily at the first step; create it now
+        state = inner.state[p]
+        if not state:
+            state["exp_avg"] = torch.zeros_like(p)
+            state["exp_avg_sq"] = torch.zeros_like(p)
+        step = state.get("step")
+        state["step"] = step.new_full((), count) if torch.is_tensor(step) else int(count)
+    for key, param in _lora_params(engine.module).items():
+        master = tensors[f"{key}.master"].to(param.device)
+        if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
+            safe_set_full_fp32_param(param, master)
+            for k in ADAM_KEYS:
+                safe_set_full_optimizer_state(param, tensors[f"{key}.{k}"].to(param.device), k)
+        else:
+            with torch.no_grad():
+                param.copy_(master.to(param.dtype))
+            for k in ADAM_KEYS:
+                inner.state[param][k].copy_(tensors[f"{key}.{k}"])
+
+
+def rng_state() -> tuple[torch.Tensor, dict]:
+    """This rank's RNG states: torch's as a tensor, python's and numpy's as JSON-able data."""
+    py = random.getstate()
+    np_state = np.random.get_state()
+    return torch.get_rng_state(), {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), *map(int, np_state[2:4]), float(np_state[4])],
+        "cuda": torch.cuda.is_available(),
+    }
+
+
+def set_rng_state(torch_state: torch.Tensor, other: dict, cuda_state: torch.Tensor | None) -> None:
+    torch.set_rng_state(torch_state)
+    py = other["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = other["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    if cuda_state is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda_state)
