@@ -1,0 +1,238 @@
+# shellcheck shell=bash
+# Shared launch logic for the sbatch scripts in slurm/: source it, then `lc_main TRAINER_ARGS...`.
+#
+# It resolves the allocation's nodes, exports MASTER_ADDR/MASTER_PORT, starts one trainer rank
+# per task, forwards preemption signals to the ranks, and decides from the trainer's exit code
+# whether to requeue the job. Knobs (environment, all optional):
+#   LAUNCH_MODE=srun       one `srun` task per rank; slurm/srun_task.sh maps SLURM_* -> RANK etc.
+#   LAUNCH_MODE=deepspeed  the `deepspeed` launcher on the first node with a generated hostfile
+#                          (one node: local launch; several: DS_LAUNCHER, default slurm = srun)
+#   PYTHON, DEEPSPEED      interpreter / launcher executables (default: python3 / deepspeed)
+#   TRAIN_CMD              stand-in for "python launcher/train.py" (tests); trainer args appended
+#   MAX_RESTARTS=3         crash retries, counted by SLURM_RESTART_COUNT (which also counts
+#                          preemption requeues: a job preempted 3 times gets no crash retry)
+#   MAX_REQUEUES=100       runaway guard for preemption requeues (exit 75)
+#   SRUN_WAIT=120          seconds srun waits for the other ranks once one has exited
+#
+# Signals. `#SBATCH --signal=B:USR1@N` signals only the batch shell (this script); without `B:`
+# Slurm signals the job steps, which misses a deepspeed launcher running in the batch step. So the
+# scripts ask for B:USR1 and this shell forwards it: to srun (which relays it to every task) or,
+# for the deepspeed launcher, past the launcher processes straight to the ranks, because both
+# deepspeed's runner and its launch.py die on an unhandled USR1. The launchers also start with
+# USR1 ignored, so `scancel --signal=USR1 --full` (everything in the job at once) cannot kill them;
+# the trainer installs its own USR1 handler, which replaces the inherited "ignore".
+#
+# Exit codes of the trainer: 0 finished -> never requeue; 75 preempted with a checkpoint written
+# -> `scontrol requeue` (it resumes with --resume auto); anything else is a crash -> requeue while
+# SLURM_RESTART_COUNT < MAX_RESTARTS, else fail with the trainer's code so the failure is seen.
+
+EXIT_PREEMPTED=75
+LC_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+LAUNCH_MODE="${LAUNCH_MODE:-srun}"
+PYTHON="${PYTHON:-python3}"
+DEEPSPEED="${DEEPSPEED:-deepspeed}"
+DS_LAUNCHER="${DS_LAUNCHER:-slurm}"
+MAX_RESTARTS="${MAX_RESTARTS:-3}"
+MAX_REQUEUES="${MAX_REQUEUES:-100}"
+SRUN_WAIT="${SRUN_WAIT:-120}"
+LC_PAYLOAD_PID=""
+
+lc_log() {
+    echo "[launch $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}] $*"
+}
+
+lc_die() {
+    lc_log "ERROR: $*" >&2
+    exit 2
+}
+
+lc_require_int() {  # NAME VALUE MIN MAX
+    if ! [[ "$2" =~ ^[0-9]+$ ]] || (($2 < $3 || $2 > $4)); then
+        lc_die "$1=$2 must be an integer in $3..$4"
+    fi
+}
+
+# Sets LC_NODES, LC_NNODES, LC_TASKS_PER_NODE and exports MASTER_ADDR, MASTER_PORT.
+lc_resolve_layout() {
+    [[ -n "${SLURM_JOB_ID:-}" ]] || lc_die "not inside a Slurm job: submit this script with sbatch"
+    mapfile -t LC_NODES < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+    LC_NNODES=${#LC_NODES[@]}
+    ((LC_NNODES > 0)) || lc_die "scontrol found no hosts in SLURM_JOB_NODELIST=$SLURM_JOB_NODELIST"
+    # SLURM_NTASKS_PER_NODE exists only with --ntasks-per-node; SLURM_TASKS_PER_NODE ("8(x2)")
+    # always does. Ranks must be uniform across nodes, so the first entry is the count.
+    local per_node="${SLURM_NTASKS_PER_NODE:-${SLURM_TASKS_PER_NODE:-1}}"
+    LC_TASKS_PER_NODE="${per_node%%[(,]*}"
+    export MASTER_ADDR="${MASTER_ADDR:-${LC_NODES[0]}}"
+    # Derived from the job id so two jobs sharing a node do not fight over one port.
+    export MASTER_PORT="${MASTER_PORT:-$((10000 + SLURM_JOB_ID % 20000))}"
+    # launcher/train.py imports lora_dist from the checkout when it is not pip-installed.
+    export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+    lc_log "layout: ${LC_NNODES} node(s) [${LC_NODES[*]}] x ${LC_TASKS_PER_NODE} rank(s)" \
+        "= world size $((LC_NNODES * LC_TASKS_PER_NODE)); master ${MASTER_ADDR}:${MASTER_PORT};" \
+        "mode ${LAUNCH_MODE}; restart ${SLURM_RESTART_COUNT:-0}"
+}
+
+# Fills LC_CMD with the launcher command for the per-rank program given as arguments.
+lc_build_command() {
+    local world=$((LC_NNODES * LC_TASKS_PER_NODE))
+    case "$LAUNCH_MODE" in
+    srun)
+        local -a extra=()
+        read -r -a extra <<<"${SRUN_EXTRA_ARGS:-}"
+        # No --kill-on-bad-exit: the first rank to exit 75 would get its peers killed while they
+        # still write their share of the checkpoint. --wait bounds a hang after a crash instead.
+        LC_CMD=(srun --nodes="$LC_NNODES" --ntasks="$world" --ntasks-per-node="$LC_TASKS_PER_NODE"
+            --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${extra[@]}" "$LC_DIR/srun_task.sh" "$@")
+        ;;
+    deepspeed)
+        local hostfile="${LC_HOSTFILE:-${TMPDIR:-/tmp}/lora_dist_hostfile.$SLURM_JOB_ID}"
+        local node
+        for node in "${LC_NODES[@]}"; do
+            echo "$node slots=$LC_TASKS_PER_NODE"
+        done >"$hostfile"
+        lc_log "deepspeed hostfile $hostfile: $(tr '\n' ';' <"$hostfile")"
+        # --no_ssh_check: a Slurm allocation needs no ssh; the slurm launcher uses srun.
+        LC_CMD=("$DEEPSPEED" --hostfile "$hostfile" --master_addr "$MASTER_ADDR"
+            --master_port "$MASTER_PORT" --no_ssh_check)
+        if ((LC_NNODES > 1)); then
+            LC_CMD+=(--launcher "$DS_LAUNCHER")
+        fi
+        if [[ -n "${TRAIN_CMD:-}" ]]; then
+            LC_CMD+=(--no_python --no_local_rank)
+        fi
+        LC_CMD+=("$@")
+        ;;
+    *) lc_die "LAUNCH_MODE=$LAUNCH_MODE: use srun or deepspeed" ;;
+    esac
+}
+
+lc_is_launcher() {  # ARGS-STRING: processes that relay work and must not receive USR1 themselves
+    case "$1" in
+    *deepspeed.launcher.launch* | *bin/deepspeed\ * | *deepspeed.launcher.runner*) return 0 ;;
+    *torch.distributed.run* | *bin/torchrun\ *) return 0 ;;
+    esac
+    return 1
+}
+
+# Signal the first non-launcher process on every branch of the process tree below PID.
+lc_signal_payload() {  # SIGNAL PID
+    local sig="$1" pid="$2" args child
+    args="$(ps -o args= -p "$pid" 2>/dev/null)" || return 0
+    if lc_is_launcher "$args"; then
+        for child in $(ps -o pid= --ppid "$pid" 2>/dev/null); do
+            lc_signal_payload "$sig" "$child"
+        done
+    else
+        kill -s "$sig" "$pid" 2>/dev/null || true
+    fi
+}
+
+lc_on_signal() {  # SIGNAL
+    lc_log "batch shell got SIG$1: forwarding it so every rank checkpoints and exits $EXIT_PREEMPTED"
+    if [[ -n "$LC_PAYLOAD_PID" ]]; then
+        lc_signal_payload "$1" "$LC_PAYLOAD_PID"
+    fi
+}
+
+# Run the command in the background (bash runs traps only between commands, so a foreground
+# child would delay forwarding until it exits) and return its exit code.
+lc_run() {
+    trap 'lc_on_signal USR1' USR1
+    trap 'lc_on_signal TERM' TERM
+    (
+        trap '' USR1
+        exec "$@"
+    ) &
+    LC_PAYLOAD_PID=$!
+    # A trapped signal interrupts `wait`; keep waiting while the payload lives. bash keeps the
+    # exit status of a reaped child, so the final `wait` returns it.
+    while kill -0 "$LC_PAYLOAD_PID" 2>/dev/null; do
+        wait "$LC_PAYLOAD_PID" || true
+    done
+    local rc=0
+    wait "$LC_PAYLOAD_PID" || rc=$?
+    trap - USR1 TERM
+    LC_PAYLOAD_PID=""
+    return "$rc"
+}
+
+lc_requeue() {
+    if scontrol requeue "$SLURM_JOB_ID"; then
+        return 0
+    fi
+    lc_log "scontrol requeue failed: was the job submitted with --requeue (or JobRequeue=1)?"
+    return 1
+}
+
+# Decide what the trainer's exit code means for the job; returns the batch script's exit code.
+lc_finish() {  # RC
+    local rc="$1" restarts="${SLURM_RESTART_COUNT:-0}"
+    if ((rc == 0)); then
+        lc_log "trainer finished (exit 0): job done, not requeueing"
+        return 0
+    fi
+    if ((rc == EXIT_PREEMPTED)); then
+        if ((restarts >= MAX_REQUEUES)); then
+            lc_log "trainer preempted (exit $rc) but the job was already requeued $restarts" \
+                "times (MAX_REQUEUES=$MAX_REQUEUES): not requeueing; resubmit to continue"
+            return "$rc"
+        fi
+        lc_log "trainer checkpointed after a signal (exit $rc): requeueing for restart $((restarts + 1))"
+        lc_requeue || return "$rc"
+        return 0
+    fi
+    if ((restarts < MAX_RESTARTS)); then
+        lc_log "trainer crashed (exit $rc): requeueing, restart $((restarts + 1)) of" \
+            "MAX_RESTARTS=$MAX_RESTARTS; it resumes from the latest valid checkpoint"
+        lc_requeue || return "$rc"
+        return 0
+    fi
+    lc_log "trainer crashed (exit $rc) and the job has been restarted $restarts time(s)" \
+        "(MAX_RESTARTS=$MAX_RESTARTS): not requeueing again; see the log above for the error"
+    return "$rc"
+}
+
+# Entry point: lc_main TRAINER_ARGS... (runs launcher/train.py, or TRAIN_CMD, on every rank).
+lc_main() {
+    lc_require_int MAX_RESTARTS "$MAX_RESTARTS" 0 1000
+    lc_require_int MAX_REQUEUES "$MAX_REQUEUES" 0 100000
+    lc_resolve_layout
+    local -a program
+    if [[ -n "${TRAIN_CMD:-}" ]]; then
+        read -r -a program <<<"$TRAIN_CMD"
+    elif [[ "$LAUNCH_MODE" == deepspeed ]]; then
+        program=(launcher/train.py)  # the deepspeed launcher adds its own python
+    else
+        program=("$PYTHON" -u launcher/train.py)
+    fi
+    lc_build_command "${program[@]}" "$@"
+    lc_log "command: ${LC_CMD[*]}"
+    local rc=0
+    lc_run "${LC_CMD[@]}" || rc=$?
+    lc_finish "$rc"
+}
+
+# Fills LC_TRAIN_ARGS with the trainer flags the environment asks for. The batch scripts set
+# the defaults; flags whose variable is empty are left to the trainer's own defaults.
+lc_trainer_args() {
+    LC_TRAIN_ARGS=(--ds_config "$DS_CONFIG" --task "${TASK:-wikisql}" --output_dir "$OUTPUT_DIR"
+        --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_targets "$LORA_TARGETS"
+        --resume "${RESUME:-auto}")
+    local pair flag var value
+    for pair in model:MODEL_DIR data:DATA_DIR lr:LR epochs:EPOCHS max_steps:MAX_STEPS seed:SEED \
+        save_every:SAVE_EVERY keep_last:KEEP_LAST eval_every:EVAL_EVERY; do
+        flag="${pair%%:*}"
+        var="${pair#*:}"
+        value="${!var:-}"
+        if [[ -n "$value" ]]; then
+            LC_TRAIN_ARGS+=("--$flag" "$value")
+        fi
+    done
+    if [[ "${ACTIVATION_CHECKPOINTING:-0}" == 1 ]]; then
+        LC_TRAIN_ARGS+=(--activation_checkpointing)
+    fi
+    local -a extra=()
+    read -r -a extra <<<"${EXTRA_ARGS:-}"
+    LC_TRAIN_ARGS+=("${extra[@]}")
+    [[ -f "$DS_CONFIG" ]] || lc_die "DS_CONFIG=$DS_CONFIG does not exist (relative to $PWD)"
+}
