@@ -19,7 +19,8 @@ def test_accumulation_is_derived_from_world_size():
 def test_inconsistent_batch_sizes_are_explained():
     with pytest.raises(ConfigError, match="not divisible"):
         batch_layout({"train_batch_size": 16, "train_micro_batch_size_per_gpu": 3}, 2)
-    bad = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 4}
+    bad = {"train_batch_size": 16, "train_micro_batch_size_per_gpu": 4}
+    bad["gradient_accumulation_steps"] = 4
     with pytest.raises(ConfigError, match="data-parallel ranks 2"):
         batch_layout(bad, 2)
     with pytest.raises(ConfigError, match="autotp_size"):
