@@ -110,11 +110,11 @@ def model_state_bytes(engine) -> dict[str, int]:
     ]
     masters = [t for lst in master_lists for t in lst]
     optim = _bytes(v for state in inner.state.values() for v in state.values())
-    grads = _bytes(
-        getattr(zero, "grad_partitions_flat_buffer", None)
-        and [zero.grad_partitions_flat_buffer]
-        or [p.grad for p in module.parameters() if p.grad is not None]
-    )
+    flat_grads = getattr(zero, "grad_partitions_flat_buffer", None)
+    if torch.is_tensor(flat_grads):  # ZeRO-3 keeps this rank's gradient partitions in one buffer
+        grads = _bytes([flat_grads])
+    else:
+        grads = _bytes(p.grad for p in module.parameters() if p.grad is not None)
     out = {"params": params, "master": _bytes(masters), "optimizer": optim, "gradients": grads}
     out["total"] = sum(out.values())
     return out
