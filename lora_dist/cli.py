@@ -29,6 +29,8 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     parser, chosen = build_parser(argv)
     args = parser.parse_args(argv)
     if chosen is None:
