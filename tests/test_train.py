@@ -142,7 +142,7 @@ def test_resume_after_sigkill_is_exact(lora_run, tmp_path):
     resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
     assert sorted(resumed) == [5, 6, 7, 8]
     for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], abs=1e-6), step
+        assert loss == pytest.approx(reference[step], rel=1e-6), step
     for key, value in runs.adapter(lora_run).items():
         torch.testing.assert_close(runs.adapter(tmp_path)[key], value, rtol=0, atol=1e-6)
 
@@ -157,7 +157,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
     ranks = [
         p
         for p in psutil.Process(proc.pid).children(recursive=True)
-        if "train.py" in " ".join(p.cmdline())
+        if any(arg.startswith("--local_rank") for arg in p.cmdline())
     ]
     assert len(ranks) == 2
     for rank in ranks:  # as Slurm does: every task gets the signal
@@ -179,7 +179,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
     resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
     assert min(resumed) == stopped_at + 1 and max(resumed) == STEPS
     for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], abs=1e-6), step
+        assert loss == pytest.approx(reference[step], rel=1e-6), step
     for key, value in runs.adapter(lora_run).items():
         torch.testing.assert_close(runs.adapter(tmp_path)[key], value, rtol=0, atol=1e-6)
 
