@@ -1,4 +1,4 @@
-"""Entry point for `deepspeed launcher/train.py ...`, torchrun, srun and mpirun: see lora_dist.train."""
+"""Entry point for deepspeed, torchrun, srun and mpirun launches: see lora_dist.train."""
 
 import sys
 
