@@ -50,7 +50,7 @@ class TrainConfig:
     """Where adapter/, tensorboard/, checkpoints/ and metrics.json go."""
     max_steps: int | None = None
     """Optimizer steps; overrides epochs when set."""
-    epochs: float = 12.0
+    epochs: float = 8.0
     """Passes over the training split when max_steps is not set."""
     lora_r: int = 8
     lora_alpha: float = 16.0
@@ -66,6 +66,13 @@ class TrainConfig:
     max_length: int = 256
     eval_every: int | None = None
     """Evaluate the dev loss every N steps; default: five times per run."""
+    skip_task_eval: bool = False
+    """Skip generating on the dev split and scoring it with the task metric at the end."""
+    task_eval_every: int | None = None
+    """Also run the task evaluation every N steps."""
+    eval_max_new_tokens: int = 64
+    eval_limit: int | None = None
+    """Evaluate the task metric on the first N dev prompts only."""
     full_finetune: bool = False
     """Train every weight (the paper's baseline) instead of LoRA."""
     activation_checkpointing: bool = False
@@ -215,6 +222,7 @@ class Trainer:
         self.device = self.engine.device
         self.step = 0
         self.train_losses: list[tuple[int, float]] = []
+        self.step_times: list[float] = []
         if self.resume_path is not None:
             self._restore_engine_state()
         self.preemption = PreemptionWatch(self.device)
@@ -262,6 +270,33 @@ class Trainer:
         total, count = self._all_reduce([total / self.layout.tp, count / self.layout.tp])
         return total / max(count, 1.0)
 
+    def task_eval(self) -> dict[str, float] | None:
+        """Greedy generation on the dev split, scored by the task (collective; rank 0 returns)."""
+        from lora_dist.evaluate import evaluate_engine
+
+        self.engine.eval()
+        metrics = evaluate_engine(
+            self.engine.module,
+            self.tokenizer,
+            self.task,
+            self.data_dir,
+            "dev",
+            self.rank,
+            self.world,
+            self.dp_rank,
+            self.layout.dp,
+            max_new_tokens=self.cfg.eval_max_new_tokens,
+            batch_size=self.layout.micro_batch * 2,
+            limit=self.cfg.eval_limit,
+            predictions_path=self.out / "eval" / f"predictions_step{self.step}.jsonl",
+        )
+        self.engine.train()
+        if metrics is not None:
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.monitor.scalars(self.step, {f"dev/{k}": v for k, v in numeric.items()})
+            self.monitor.log(f"step {self.step}: dev {self.task.name} {numeric}")
+        return metrics
+
     # -- training -------------------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:
         micro_batches = self.order.rank_micro_batches(
@@ -286,6 +321,7 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         cfg, mon = self.cfg, self.monitor
         self.stopped_early = False
+        self.task_metrics: dict[str, float] | None = None
         if self.injection is not None:
             mon.log(self.injection.summary())
         mon.log(
@@ -305,6 +341,7 @@ class Trainer:
             dt = time.perf_counter() - t0
             self.step += 1
             self.train_losses.append((self.step, last["loss"]))
+            self.step_times.append(dt)
             tokens_total += last["tokens"]
             tps = last["tokens"] / dt
             mon.scalars(
@@ -323,6 +360,8 @@ class Trainer:
                 dev = self.dev_loss()
                 mon.scalars(self.step, {"dev/loss": dev})
                 mon.log(f"step {self.step}: train loss {last['loss']:.4f}, dev loss {dev:.4f}")
+            if cfg.task_eval_every and self.step % cfg.task_eval_every == 0:
+                self.task_metrics = self.task_eval()
             if cfg.save_every and (
                 self.step % cfg.save_every == 0 or self.step == self.total_steps
             ):
@@ -334,6 +373,8 @@ class Trainer:
                 self.stopped_early = True
                 return {"steps": self.step, "preempted": True}
         elapsed = time.perf_counter() - started
+        if not cfg.skip_task_eval:
+            self.task_metrics = self.task_eval()
         self.save_final()
         return self.finish(first_dev, dev, last, tokens_total / elapsed, elapsed)
 
@@ -479,11 +520,14 @@ class Trainer:
 
     def save_final(self) -> None:
         from lora_dist.adapter import save_adapter
+        from lora_dist.distributed.tp import assert_tp_replicas_identical
         from lora_dist.distributed.zero import gather_lora_state
 
         if self.lora is None:
             return  # full fine-tuning is the memory/accuracy baseline; it ships no adapter
         state = gather_lora_state(self.engine.module)
+        if self.mpu is not None:  # we save rank 0's factors for all TP peers
+            self.monitor.log(assert_tp_replicas_identical(self.engine.module))
         if self.is_main:
             self._save_adapter(self.out / "adapter", state, save_adapter)
 
@@ -518,7 +562,9 @@ class Trainer:
             "train_loss": last.get("loss"),
             "dev_loss_initial": first_dev,
             "dev_loss": dev,
+            "task_metrics": self.task_metrics,
             "tokens_per_s": tps,
+            "step_time_median_s": float(np.median(self.step_times)) if self.step_times else None,
             "elapsed_s": elapsed,
             "peak_memory_bytes_per_rank": [int(x) for x in per_rank[:w]],
             "peak_memory_kind": memory_kind(),
@@ -570,6 +616,9 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return run_train(args)
-    except (ConfigError, AdapterError, CheckpointError, FileNotFoundError) as exc:
+    except (ConfigError, AdapterError, CheckpointError, FileNotFoundError, ValueError) as exc:
+        # Bad input (config, data, model, checkpoint): one line that says what to change.
+        if os.environ.get("LORA_DIST_DEBUG") == "1":
+            raise
         print(f"lora-dist: error: {exc}", file=sys.stderr)
         return 2
