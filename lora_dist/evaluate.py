@@ -227,7 +227,7 @@ def resolve_adapter_dir(path: str | Path) -> Path:
 
 def _base_dir(cfg: EvalConfig, adapter_dir: Path | None) -> Path:
     from lora_dist.adapter import read_adapter_config
-    from lora_dist.train import resolve_model_dir
+    from lora_dist.loading import resolve_model_dir
 
     if cfg.base is None and adapter_dir is not None:
         recorded = read_adapter_config(adapter_dir).get("base_model_name_or_path")
@@ -284,7 +284,7 @@ def load_for_eval(cfg: EvalConfig, world_size: int, local_rank: int) -> EvalMode
     from lora_dist.adapter import load_adapter
     from lora_dist.distributed.zero import lora_persistence_threshold, zero_stage
     from lora_dist.ds_config import ConfigError, load_ds_config, tp_size
-    from lora_dist.train import load_base_model
+    from lora_dist.loading import load_base_model
 
     adapter_dir = resolve_adapter_dir(cfg.adapter) if cfg.adapter else None
     model_dir = _base_dir(cfg, adapter_dir)

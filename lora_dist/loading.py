@@ -1,0 +1,42 @@
+"""Finding and loading the base model, and seeding every random number generator."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lora_dist.ds_config import ConfigError, model_dtype
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (identically on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_model_dir(model: str | None) -> Path:
+    """`--model` as a checked directory; None means the embedded default, built on first use."""
+    if model is None:
+        from lora_dist.default_assets import ensure_default_model
+
+        return ensure_default_model()
+    path = Path(model)
+    if not path.is_dir():
+        raise ConfigError(f"model directory {path} does not exist")
+    if not (path / "config.json").is_file():
+        raise ConfigError(f"{path} has no config.json: it is not a Hugging Face model directory")
+    return path
+
+
+def load_base_model(model_dir: Path, ds_cfg: dict[str, Any], stage: int) -> torch.nn.Module:
+    """from_pretrained, under ZeRO-3 straight into partitions so no rank holds the whole base."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    keep_alive = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # noqa: F841 (weakref'd)
+    return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(ds_cfg))
