@@ -89,6 +89,9 @@ def peft_config_dict(
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     write(tmp)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; adapters are meant to ship
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
