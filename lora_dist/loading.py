@@ -34,9 +34,24 @@ def resolve_model_dir(model: str | None) -> Path:
 
 
 def load_base_model(model_dir: Path, ds_cfg: dict[str, Any], stage: int) -> torch.nn.Module:
-    """from_pretrained, under ZeRO-3 straight into partitions so no rank holds the whole base."""
+    """Load a HF causal LM; under ZeRO-3 straight into partitions so no rank holds the whole base.
+
+    Under ZeRO-3 the weights stream in one tensor at a time (host memory grows with a shard, not
+    with the model). Checkpoints that stream cannot read (no safetensors, or names that need
+    transformers' renaming) go through from_pretrained under zero.Init instead.
+    """
+    import sys
+
     from transformers import AutoModelForCausalLM
     from transformers.integrations import HfDeepSpeedConfig
+
+    if stage == 3:
+        from lora_dist.distributed.zero import load_streamed_zero3
+
+        try:
+            return load_streamed_zero3(Path(model_dir), ds_cfg, model_dtype(ds_cfg))
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"streamed loading not possible ({exc}); using from_pretrained", file=sys.stderr)
 
     keep_alive = HfDeepSpeedConfig(ds_cfg) if stage == 3 else None  # noqa: F841 (weakref'd)
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(ds_cfg))

@@ -53,6 +53,7 @@ PAPER_SETTINGS: dict[str, Any] = {"zero_stage": 3, "master_weights": False, "sta
 PAPER_SETTINGS |= {"base_dtype": "fp16", "lora_dtype": "fp16", "optim_dtype": "fp16"}
 PAPER_SETTINGS |= {"lora_r": 4, "targets": "q,v"}
 # The rows of the plan, per rank.
+ZERO3_SUB_GROUP_SIZE = 1e9  # DeepSpeed's default zero_optimization.sub_group_size
 ITEMS = ("base weights", "LoRA weights", "gradients", "optimizer states", "activations")
 ITEMS += ("comm buffers", "framework overhead")
 
@@ -249,6 +250,10 @@ def plan_memory(shape: ModelShape, run: RunSettings) -> MemoryPlan:
             place(mode, "gradients", grads * (4 if off and stage >= 2 else dtype_bytes), off)
         master = 4 if run.master_weights and dtype_bytes < 4 else 0
         place(mode, "optimizer states", n / (dp if stage >= 1 else 1) * (2 * ob + master), off)
+        if stage == 3 and dtype_bytes < 4 and not run.states_only and not off:
+            # At the step ZeRO-3 upcasts each sub-group's gradient partition to fp32
+            # (stage3.py _prepare_fp32_grad_for_sub_group); sub_group_size defaults to 1e9.
+            place(mode, "gradients", min(grads, ZERO3_SUB_GROUP_SIZE) * 4, False)
 
     full, lora = ModeMemory({}), ModeMemory({})
     overhead = FRAMEWORK_OVERHEAD_GIB[run.device] if run.overhead_gib is None else run.overhead_gib

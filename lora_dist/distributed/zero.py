@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -143,8 +144,12 @@ def returning_freed_host_memory() -> Iterator[None]:
     each gather allocates and frees a whole tensor. glibc's dynamic mmap threshold climbs to
     32 MB after the first such free, so later tensors come from the heap and their freed
     space stays resident: a 220 MB fp32 model grew RSS by ~480 MB on one rank (~270 MB with
-    the threshold pinned). A no-op where glibc is absent.
+    the threshold pinned). A no-op where glibc is absent; a threshold pinned through the
+    MALLOC_MMAP_THRESHOLD_ environment variable is left as the user set it.
     """
+    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
+        yield
+        return
     try:
         import ctypes
 
