@@ -12,6 +12,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,9 @@ from lora_dist.lora import LoraConfig
 
 EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue me
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # ranks must not fork tokenizer pools
+# DeepSpeed calls torch's deprecated collective names on every step; one warning per call
+# would flood every rank's log.
+warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 
 
 @dataclass

@@ -75,6 +75,15 @@ class JobResult:
     returncode: int
     restarts: int
     output: str
+    daemon_log: str = ""
+    """The daemons' log lines about this job: why Slurm failed or requeued it."""
+
+    def describe(self) -> str:
+        """Everything a failed assertion should show: state, job output, daemon log lines."""
+        return (
+            f"job {self.job_id}: {self.state}, exit {self.returncode}, {self.restarts} restarts"
+            f"\n--- output ---\n{self.output}\n--- slurmctld/slurmd ---\n{self.daemon_log}"
+        )
 
 
 @dataclass
@@ -120,10 +129,11 @@ class SlurmCluster:
     def wait(self, job_id: int, timeout: float = 300) -> JobResult:
         """Wait until the job is over for good, as `sbatch --wait` does, but polling every 0.2 s.
 
-        A requeued job is made eligible at once: Slurm otherwise holds it back for about two
-        minutes (EligibleTime = requeue time + 120 s), which says nothing about our scripts.
+        A requeued job is made eligible within a second: Slurm otherwise holds it back for about
+        two minutes (EligibleTime = requeue time + 120 s), which says nothing about our scripts.
         """
         deadline = time.monotonic() + timeout
+        released = set()  # restart counts whose hold was already shortened
         while time.monotonic() < deadline:
             info = self.job(job_id)
             state = info.get("JobState", "")
@@ -132,12 +142,34 @@ class SlurmCluster:
                 out_path = Path(info.get("StdOut", ""))
                 output = out_path.read_text() if out_path.is_file() else ""
                 rc = int(code) if int(code or 0) or not int(sig or 0) else 128 + int(sig)
-                return JobResult(job_id, state, rc, int(info.get("Restarts", 0)), output)
-            if state == "PENDING" and info.get("Reason") == "BeginTime":
+                restarts = int(info.get("Restarts", 0))
+                return JobResult(job_id, state, rc, restarts, output, self.daemon_log(job_id))
+            restart = info.get("Restarts", "0")
+            if state == "PENDING" and info.get("Reason") == "BeginTime" and restart not in released:
+                released.add(restart)
+                # The requeue revoked the job's credential on slurmd, in this second or earlier;
+                # a relaunch within the same second gets a credential slurmd counts as revoked
+                # (whole-second timestamps) and the job dies "non-startable" with exit 1. So
+                # release it at the next second. (A future StartTime would wait for the
+                # backfill scheduler's next pass, up to 30 s; `now` triggers a pass at once.)
+                time.sleep(1.01 - time.time() % 1)
                 self.run("scontrol", "update", f"JobId={job_id}", "StartTime=now")
             time.sleep(0.2)
         self.run("scancel", str(job_id))
         raise TimeoutError(f"job {job_id} did not finish in {timeout} s: {self.job(job_id)}")
+
+    def daemon_log(self, job_id: int) -> str:
+        """Lines of slurmctld.log and slurmd.log that name the job, oldest first."""
+        marks = (f"JobId={job_id} ", f"job {job_id} ", f"[{job_id}.", f"StepId={job_id}.")
+        lines = []
+        for name in ("slurmctld.log", "slurmd.log"):
+            path = self.root / name
+            if path.is_file():
+                text = path.read_text(errors="replace") + "\n"
+                lines += [
+                    f"{name}: {ln}" for ln in text.splitlines() if any(m in ln + " " for m in marks)
+                ]
+        return "\n".join(sorted(lines, key=lambda ln: ln.split(": ", 1)[1]))
 
     def sbatch(
         self,

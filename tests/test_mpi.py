@@ -3,13 +3,21 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.conftest import (
+    SMALL_FLAGS,
+    SMALL_STEPS,
+    TrainedRun,
+    assert_same_adapter,
+    assert_same_losses,
+    launch_env,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
@@ -39,13 +47,9 @@ def test_mpirun_two_ranks_discover_and_all_reduce(tmp_path: Path) -> None:
     probe = tmp_path / "probe.py"
     probe.write_text(PROBE)
     # A clean environment: no launcher variables leaking in from whoever runs pytest.
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI", "OMPI_"))}
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(key, None)
-    env["PYTHONPATH"] = str(REPO)
     done = subprocess.run(
         [MPIRUN, "-np", "2", sys.executable, str(probe)],
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=120,
@@ -63,59 +67,23 @@ def test_mpirun_two_ranks_discover_and_all_reduce(tmp_path: Path) -> None:
         assert r["sum"] == 1.0 + 2.0
 
 
-def _train(launch: list[str], out: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    args = ["--ds_config", "ds_configs/zero3.json", "--output_dir", str(out), "--max_steps", "3"]
-    args += ["--seed", "7", "--lora_r", "4"]
-    return subprocess.run(
-        [*launch, "launcher/train.py", *args],
+def test_mpirun_training_matches_the_deepspeed_launcher(
+    reference_run: TrainedRun, tmp_path: Path
+) -> None:
+    # No MASTER_PORT: under mpirun the ranks agree on a free one over MPI (see launch.py).
+    out = tmp_path / "mpi"
+    mpirun = [MPIRUN, "-np", "2", sys.executable, "launcher/train.py"]
+    done = subprocess.run(
+        [*mpirun, *SMALL_FLAGS, "--output_dir", str(out)],
         cwd=REPO,
-        env=env,
+        env=launch_env(),
         capture_output=True,
         text=True,
         timeout=600,
     )
-
-
-def _scalars(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    series: dict[str, list[tuple[int, float]]] = {}
-    for events in run_dir.rglob("events.out.tfevents*"):
-        acc = EventAccumulator(str(events))
-        acc.Reload()
-        for tag in acc.Tags()["scalars"]:
-            series.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
-    return series
-
-
-@pytest.mark.skipif(
-    os.environ.get("LORA_DIST_TRAINER_READY") != "1",
-    reason="2-rank DeepSpeed training: set LORA_DIST_TRAINER_READY=1",
-)
-def test_mpirun_training_matches_the_deepspeed_launcher(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import load_file
-
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "PMI", "OMPI_"))}
-    env["PYTHONPATH"] = str(REPO)
-    deepspeed = str(Path(sys.executable).parent / "deepspeed")
-    ds = _train([deepspeed, "--num_gpus", "2"], tmp_path / "ds", env)
-    assert ds.returncode == 0, ds.stderr[-3000:]
-    mpi = _train([MPIRUN, "-np", "2", sys.executable], tmp_path / "mpi", env)
-    assert mpi.returncode == 0, mpi.stderr[-3000:]
-
-    ds_scalars, mpi_scalars = _scalars(tmp_path / "ds"), _scalars(tmp_path / "mpi")
-    loss_tags = [t for t in ds_scalars if "loss" in t.lower()]
-    assert loss_tags, f"no loss scalars among {sorted(ds_scalars)}"
-    for tag in loss_tags:
-        assert [s for s, _ in mpi_scalars[tag]] == [s for s, _ in ds_scalars[tag]], tag
-        torch.testing.assert_close(
-            torch.tensor([v for _, v in mpi_scalars[tag]]),
-            torch.tensor([v for _, v in ds_scalars[tag]]),
-            msg=tag,
-        )
-    a = load_file(tmp_path / "ds/adapter/adapter_model.safetensors")
-    b = load_file(tmp_path / "mpi/adapter/adapter_model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        torch.testing.assert_close(b[name], a[name], msg=name)
+    assert done.returncode == 0, done.stderr[-4000:]
+    mpi = TrainedRun(out)
+    assert mpi.metrics["world_size"] == 2
+    assert_same_losses(mpi.train_losses, reference_run.train_losses)
+    assert sorted(mpi.train_losses) == list(range(1, SMALL_STEPS + 1))
+    assert_same_adapter(mpi, reference_run)

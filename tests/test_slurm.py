@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -12,7 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.slurm_cluster import SlurmCluster
+from tests.conftest import (
+    GPT3_SMALL_ENV,
+    SMALL_FLAGS,
+    SMALL_STEPS,
+    TrainedRun,
+    assert_same_adapter,
+    assert_same_losses,
+    launch_env,
+)
+from tests.runs import free_port
+from tests.slurm_cluster import TERMINAL_STATES, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
@@ -118,7 +127,7 @@ def test_two_tasks_get_ranks_0_and_1(
 ) -> None:
     env = {**probe, "LAUNCH_MODE": mode}
     job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=env)
-    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 0), job.output
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 0), job.describe()
     recs = records(tmp_path)
     assert sorted(recs) == [(0, 0), (1, 0)]
     # The reference for the master: scontrol's first host of the allocation.
@@ -142,7 +151,7 @@ def test_preempted_payload_is_requeued_once_and_finishes(
 ) -> None:
     env = {**probe, "PROBE_MODE": "preempt_once"}
     job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=env)
-    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 1), job.output
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 1), job.describe()
     assert sorted(records(tmp_path)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert "requeueing for restart 1" in job.output
 
@@ -153,7 +162,7 @@ def test_crashing_payload_stops_at_the_restart_cap(
 ) -> None:
     env = {**probe, "PROBE_MODE": "crash", "MAX_RESTARTS": "1"}
     job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=env)
-    assert (job.state, job.returncode, job.restarts) == ("FAILED", 3, 1), job.output
+    assert (job.state, job.returncode, job.restarts) == ("FAILED", 3, 1), job.describe()
     assert sorted(records(tmp_path)) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert "not requeueing again" in job.output
 
@@ -163,7 +172,7 @@ def test_finished_payload_is_never_requeued(
     slurm_cluster: SlurmCluster, probe: dict, tmp_path: Path
 ) -> None:
     job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=probe)
-    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 0), job.output
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 0), job.describe()
     assert "not requeueing" in job.output
 
 
@@ -189,7 +198,7 @@ def test_usr1_reaches_every_rank_and_requeues(
     wait_for([tmp_path / "ready.0", tmp_path / "ready.1"])
     slurm_cluster.run("scancel", "--signal=USR1", scope, str(job_id), check=True)
     job = slurm_cluster.wait(job_id)
-    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 1), job.output
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 1), job.describe()
     recs = records(tmp_path)
     assert sorted(recs) == [(0, 0), (0, 1), (1, 0), (1, 1)]
     assert all(recs[(rank, 0)]["signals"] for rank in (0, 1))
@@ -210,7 +219,7 @@ def test_gpt3_script_passes_the_paper_settings(
     }
     args = [*two_tasks(tmp_path), "--gres=none"]
     job = slurm_cluster.sbatch(REPO / "slurm/gpt3_wikisql.sh", sbatch_args=args, env=env, cwd=REPO)
-    assert job.returncode == 0, job.output
+    assert job.returncode == 0, job.describe()
     argv = records(tmp_path)[(0, 0)]["argv"]
     flags = parse_flags(argv)
     assert "--activation_checkpointing" in flags and flags["--eval_every"] == "2"
@@ -232,76 +241,106 @@ def test_gpt3_script_rejects_rank_outside_the_papers_range(
     assert records(tmp_path) == {}
 
 
-# ---- The real trainer under Slurm: 2-rank DeepSpeed runs, enabled once the trainer is ready.
-
-needs_trainer = pytest.mark.skipif(
-    os.environ.get("LORA_DIST_TRAINER_READY") != "1",
-    reason="2-rank DeepSpeed training under Slurm: set LORA_DIST_TRAINER_READY=1",
-)
-
-
-def gpt3_small_run(tmp_path: Path, name: str, max_steps: int) -> tuple[dict, list[str]]:
-    env = {
-        "PYTHON": sys.executable,
-        "PYTHONPATH": str(REPO),
-        "DS_CONFIG": "ds_configs/zero3.json",
-        "MAX_STEPS": str(max_steps),
-        "SAVE_EVERY": "2",
-        "OUTPUT_DIR": str(tmp_path / name),
-        "ACTIVATION_CHECKPOINTING": "0",
-    }
-    return env, [*two_tasks(tmp_path), "--gres=none"]
-
-
-def adapter_tensors(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
+# ---- The real trainer under Slurm: slurm/gpt3_wikisql.sh as submitted, 2 ranks on CPU.
 
 
 @pytest.mark.slurm
-@pytest.mark.multirank
-@needs_trainer
-def test_gpt3_script_trains_the_small_model(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
-    env, args = gpt3_small_run(tmp_path, "run", max_steps=3)
-    job = slurm_cluster.sbatch(
-        REPO / "slurm/gpt3_wikisql.sh", sbatch_args=args, env=env, cwd=REPO, timeout=600
-    )
-    assert (job.returncode, job.restarts) == (0, 0), job.output
-    assert (tmp_path / "run/adapter/adapter_model.safetensors").is_file()
-    assert list((tmp_path / "run").rglob("events.out.tfevents*")), "no TensorBoard events"
-
-
-@pytest.mark.slurm
-@pytest.mark.multirank
-@needs_trainer
-def test_preempted_training_resumes_to_the_uninterrupted_adapter(
-    slurm_cluster: SlurmCluster, tmp_path: Path
+def test_gpt3_small_settings_pass_the_reference_flags(
+    slurm_cluster: SlurmCluster, probe: dict, tmp_path: Path
 ) -> None:
-    import torch
+    # The runs below compare the script's training with reference_run's; this makes sure both
+    # get the same flags (the probe records them instead of training).
+    out = str(tmp_path / "run")
+    env = {**probe, **GPT3_SMALL_ENV, "OUTPUT_DIR": out}
+    args = [*two_tasks(tmp_path), "--gres=none"]
+    job = slurm_cluster.sbatch(REPO / "slurm/gpt3_wikisql.sh", sbatch_args=args, env=env, cwd=REPO)
+    assert job.returncode == 0, job.describe()
+    argv = records(tmp_path)[(0, 0)]["argv"]
+    assert parse_flags(argv) == parse_flags([*SMALL_FLAGS, "--output_dir", out])
 
-    steps = 6
-    env, args = gpt3_small_run(tmp_path, "straight", max_steps=steps)
-    straight = slurm_cluster.sbatch(
-        REPO / "slurm/gpt3_wikisql.sh", sbatch_args=args, env=env, cwd=REPO, timeout=600
+
+def submit_gpt3_small(slurm_cluster: SlurmCluster, tmp_path: Path, name: str) -> tuple[int, Path]:
+    """Submit slurm/gpt3_wikisql.sh shrunk to the small run; returns the job id and output dir."""
+    out = tmp_path / name
+    env = launch_env(
+        **GPT3_SMALL_ENV,
+        OUTPUT_DIR=str(out),
+        PYTHON=sys.executable,
+        MASTER_PORT=str(free_port()),  # the job-id default collides with other local clusters
     )
-    assert straight.returncode == 0, straight.output
-
-    env, args = gpt3_small_run(tmp_path, "preempted", max_steps=steps)
+    args = [*two_tasks(tmp_path), "--gres=none"]
     job_id = slurm_cluster.submit(
         REPO / "slurm/gpt3_wikisql.sh", sbatch_args=args, env=env, cwd=REPO
     )
-    # Signal once training is under way: the first periodic checkpoint exists.
-    run_dir = tmp_path / "preempted"
-    deadline = time.monotonic() + 300
-    while not any(run_dir.glob("checkpoints/*")):
-        assert time.monotonic() < deadline, slurm_cluster.job(job_id)
-        time.sleep(0.2)
-    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id), check=True)
-    job = slurm_cluster.wait(job_id, timeout=600)
-    assert (job.returncode, job.restarts) == (0, 1), job.output
+    return job_id, out
 
-    expected, got = adapter_tensors(tmp_path / "straight"), adapter_tensors(run_dir)
-    assert expected.keys() == got.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, msg=name)
+
+def scalar_series(run_dir: Path, tag: str) -> dict[int, float]:
+    """step -> value of one TensorBoard scalar, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    series: dict[int, float] = {}
+    for events in sorted(run_dir.rglob("events.out.tfevents*")):
+        acc = EventAccumulator(str(events), size_guidance={"scalars": 0})
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            series.update((e.step, e.value) for e in acc.Scalars(tag))
+    return series
+
+
+@pytest.mark.slurm
+@pytest.mark.multirank
+def test_gpt3_script_trains_the_small_model(
+    slurm_cluster: SlurmCluster, reference_run: TrainedRun, tmp_path: Path
+) -> None:
+    job_id, out = submit_gpt3_small(slurm_cluster, tmp_path, "run")
+    job = slurm_cluster.wait(job_id, timeout=300)
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 0), job.describe()
+    assert "trainer finished (exit 0)" in job.output
+    run = TrainedRun(out)
+    assert (out / "adapter/adapter_config.json").is_file()
+    # srun + srun_task.sh train exactly what the deepspeed launcher trains.
+    assert_same_losses(run.train_losses, reference_run.train_losses)
+    assert_same_adapter(run, reference_run)
+    losses = scalar_series(out / "tensorboard", "train/loss")
+    assert sorted(losses) == list(range(1, SMALL_STEPS + 1))
+    for step, loss in run.train_losses.items():  # TensorBoard stores float32
+        assert losses[step] == pytest.approx(loss, rel=1e-6), step
+
+
+def wait_for_step(slurm_cluster: SlurmCluster, job_id: int, out: Path, step: int) -> None:
+    """Until train_log.jsonl (one line per step) reaches `step`: the trainer is in its loop."""
+    log = out / "train_log.jsonl"
+    deadline = time.monotonic() + 300
+    while not log.is_file() or log.read_text().count("\n") < step:
+        state = slurm_cluster.job(job_id).get("JobState")
+        assert state not in TERMINAL_STATES, slurm_cluster.wait(job_id).describe()
+        assert time.monotonic() < deadline, f"job {job_id} never logged step {step}"
+        time.sleep(0.2)
+
+
+@pytest.mark.slurm
+@pytest.mark.multirank
+def test_preempted_training_resumes_to_the_uninterrupted_adapter(
+    slurm_cluster: SlurmCluster, reference_run: TrainedRun, tmp_path: Path
+) -> None:
+    job_id, out = submit_gpt3_small(slurm_cluster, tmp_path, "preempted")
+    wait_for_step(slurm_cluster, job_id, out, 1)
+    # What `#SBATCH --signal=B:USR1@900` does before the time limit.
+    slurm_cluster.run("scancel", "--signal=USR1", "--batch", str(job_id), check=True)
+    job = slurm_cluster.wait(job_id, timeout=300)
+    assert (job.state, job.returncode, job.restarts) == ("COMPLETED", 0, 1), job.describe()
+    assert "after a signal (exit 75)" in job.output and "crashed" not in job.output
+
+    run = TrainedRun(out)
+    # The requeued run resumed from the checkpoint written on the signal, at step k < SMALL_STEPS
+    # (SAVE_EVERY=50 writes no other), and ran only the steps after it.
+    resumed = Path(run.metrics["resumed_from"])
+    stopped = int(resumed.name.removeprefix("step-"))
+    assert resumed.parent == out / "checkpoints" and 1 <= stopped < SMALL_STEPS
+    assert sorted(run.train_losses) == list(range(stopped + 1, SMALL_STEPS + 1))
+    # Both runs together logged every step once, with the uninterrupted run's losses.
+    logged = run.logged_losses
+    assert [step for step, _ in logged] == list(range(1, SMALL_STEPS + 1))
+    assert_same_losses(dict(logged), reference_run.train_losses)
+    assert_same_adapter(run, reference_run)
