@@ -211,6 +211,10 @@ def load_streamed_zero3(
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"{model_dir}: no weights for {missing[:5]} ({len(missing)} in all)")
+    if (Path(model_dir) / "generation_config.json").is_file():  # stop tokens, as from_pretrained
+        from transformers import GenerationConfig
+
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
     return model.eval()
 
 
