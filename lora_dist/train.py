@@ -75,6 +75,8 @@ class TrainConfig:
     task_eval_every: int | None = None
     """Also run the task evaluation every N steps."""
     eval_max_new_tokens: int = 64
+    eval_batch_size: int = 32
+    """Prompts decoded together per rank in the task evaluation."""
     eval_limit: int | None = None
     """Evaluate the task metric on the first N dev prompts only."""
     full_finetune: bool = False
@@ -262,7 +264,7 @@ class Trainer(CheckpointMixin):
             self.dp_rank,
             self.layout.dp,
             max_new_tokens=self.cfg.eval_max_new_tokens,
-            batch_size=self.layout.micro_batch * 2,
+            batch_size=self.cfg.eval_batch_size,
             limit=self.cfg.eval_limit,
             predictions_path=self.out / "eval" / f"predictions_step{self.step}.jsonl",
         )
