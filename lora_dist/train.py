@@ -459,6 +459,7 @@ def train(cfg: TrainConfig) -> int:
 
     trainer = Trainer(cfg)
     trainer.fit()
+    trainer.preemption.close()
     if dist.is_initialized():  # a clean teardown; without it gloo can abort the process at exit
         dist.barrier()
         dist.destroy_process_group()

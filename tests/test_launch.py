@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
 from lora_dist.distributed.launch import (
+    SHM_DIR,
     RankDiscoveryError,
     RankInfo,
     discover_ranks,
     expand_nodelist,
 )
+from tests.runs import BIN, free_port, run_env
 
 
 def _no_mpi() -> tuple[str, int]:
@@ -224,3 +229,77 @@ def test_expand_nodelist_matches_scontrol(slurm_cluster, nodelist: str) -> None:
         check=True,
     )
     assert expand_nodelist(nodelist) == done.stdout.split()
+
+
+# DeepSpeed's CPU comm op leaves a /dev/shm all-reduce buffer per rank behind unless unlinked.
+SHM_PROBE = """
+import json, os, sys
+import torch
+import deepspeed
+from deepspeed import comm
+from lora_dist.distributed.launch import release_shm_workspace, shm_workspace_path
+
+deepspeed.init_distributed()
+rank = comm.get_rank()
+mine = shm_workspace_path(rank)
+existed = mine.exists()
+released = release_shm_workspace()
+x = torch.full((4096,), float(rank + 1))
+comm.inference_all_reduce(x)  # the shm kernel still works on the unlinked mappings
+record = {"existed": existed, "released": str(released), "mine": str(mine),
+          "after": mine.exists(), "sum": x.unique().tolist()}
+with open(os.path.join(sys.argv[1], f"rank{rank}.json"), "w") as f:
+    json.dump(record, f)
+"""
+
+
+@pytest.mark.multirank
+def test_deepspeed_shm_buffers_are_released_and_comm_still_works(tmp_path: Path) -> None:
+    (tmp_path / "probe.py").write_text(SHM_PROBE)
+    port = free_port()
+    done = subprocess.run(
+        [
+            *[str(BIN / "deepspeed"), "--num_gpus", "2", "--master_port", str(port)],
+            "--no_local_rank",
+            str(tmp_path / "probe.py"),
+            str(tmp_path),
+        ],
+        env=run_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        rec = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        # The path we compute is the one DeepSpeed created, and it is gone once released.
+        assert rec["existed"] and rec["released"] == rec["mine"] and not rec["after"]
+        assert str(port) in rec["mine"] and rec["mine"].endswith(f"_{rank}")
+        assert rec["sum"] == [3.0]
+    assert not list(SHM_DIR.glob(f"deepspeed_allreduce_buffer_*_{port}_*"))
+
+
+SIGNAL_PROBE = """
+import os, signal, subprocess, sys, time
+from lora_dist.distributed.preemption import PreemptionWatch
+
+watch = PreemptionWatch()
+# A stream of repeated stop requests, still arriving while the interpreter shuts down.
+cmd = f"while kill -USR1 {os.getpid()} 2>/dev/null; do :; done"
+subprocess.Popen(["bash", "-c", cmd], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+while watch.received is None:
+    time.sleep(0.001)
+watch.close()
+assert signal.getsignal(signal.SIGUSR1) == signal.SIG_IGN
+sys.exit(75)
+"""
+
+
+def test_a_repeated_usr1_cannot_turn_a_clean_preemption_exit_into_a_crash(tmp_path: Path) -> None:
+    # Without close(), CPython restores SIGUSR1's default action during shutdown and a late
+    # request kills the rank (exit -10), which the Slurm scripts would count as a crash.
+    (tmp_path / "probe.py").write_text(SIGNAL_PROBE)
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "probe.py")], env=run_env(), capture_output=True, timeout=60
+    )
+    assert done.returncode == 75, done.stderr[-2000:]

@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 MPIRUN = shutil.which("mpirun", path=str(Path(sys.executable).parent)) or shutil.which("mpirun")
 
 PROBE = """
-import json, sys
+import json, os, sys
 import torch
 import torch.distributed as dist
 from lora_dist.distributed.launch import discover_ranks, init_distributed
@@ -32,8 +32,10 @@ found = discover_ranks()
 info = init_distributed("gloo")
 value = torch.tensor([float(info.rank + 1)])
 dist.all_reduce(value)
-print(json.dumps({"found": vars(found), "info": vars(info), "sum": value.item(),
-                  "torch_rank": dist.get_rank(), "torch_world": dist.get_world_size()}))
+# One file per rank: two ranks printing to one pipe can interleave on a line.
+with open(os.path.join(sys.argv[1], f"rank{info.rank}.json"), "w") as f:
+    json.dump({"found": vars(found), "info": vars(info), "sum": value.item(),
+               "torch_rank": dist.get_rank(), "torch_world": dist.get_world_size()}, f)
 dist.destroy_process_group()
 """
 
@@ -48,14 +50,14 @@ def test_mpirun_two_ranks_discover_and_all_reduce(tmp_path: Path) -> None:
     probe.write_text(PROBE)
     # A clean environment: no launcher variables leaking in from whoever runs pytest.
     done = subprocess.run(
-        [MPIRUN, "-np", "2", sys.executable, str(probe)],
+        [MPIRUN, "-np", "2", sys.executable, str(probe), str(tmp_path)],
         env=launch_env(),
         capture_output=True,
         text=True,
         timeout=120,
     )
     assert done.returncode == 0, done.stderr[-3000:]
-    results = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank*.json"))]
     assert sorted(r["info"]["rank"] for r in results) == [0, 1]
     assert len({r["info"]["master_port"] for r in results}) == 1  # both ranks met on one port
     for r in results:

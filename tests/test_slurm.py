@@ -52,6 +52,7 @@ elif mode == "wait_signal" and run == 0:
         time.sleep(0.05)
     rec["signals"] = got
     code = 75 if got else 9
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # as PreemptionWatch.close() in the trainer
 with open(f"{out}/rank{info.rank}.run{run}.json", "w") as f:
     json.dump(rec, f)
 sys.exit(code)

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -306,6 +307,7 @@ def init_distributed(backend: str | None = None) -> RankInfo:
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
+    release_shm_workspace()
     if info.rank == 0:
         logger.info(
             "distributed: launcher=%s world_size=%d nodes=%d ranks/node=%d master=%s:%d",
@@ -317,3 +319,42 @@ def init_distributed(backend: str | None = None) -> RankInfo:
             info.master_port,
         )
     return info
+
+
+SHM_DIR = Path("/dev/shm")
+
+
+def shm_workspace_path(rank: int, environ: Mapping[str, str] | None = None) -> Path:
+    """Where DeepSpeed's CPU comm op keeps rank `rank`'s shared-memory all-reduce buffer.
+
+    The op (deepspeed/ops/csrc/cpu/comm/shm.cpp) names it from the uid, MASTER_ADDR, MASTER_PORT
+    and the rank; POSIX shm_open puts it under /dev/shm on Linux.
+    """
+    environ = os.environ if environ is None else environ
+    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
+        os.getuid(), environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", ""), rank
+    )
+    return SHM_DIR / name
+
+
+def release_shm_workspace() -> Path | None:
+    """Unlink this rank's DeepSpeed shm all-reduce buffer once every rank has mapped it.
+
+    DeepSpeed creates a ~66 MiB /dev/shm file per rank when all ranks share a host (its CPU comm
+    op) and never unlinks it, so each run leaves them behind in RAM-backed tmpfs until the machine
+    fills up; a later run on the same port would also open a stale buffer. Every rank maps all
+    peers' buffers inside `deepspeed.init_distributed`, so after a barrier the names are no longer
+    needed: the mappings live on and the memory is freed when the last rank exits, crash or not.
+    Returns the unlinked path, or None where the accelerator made no such buffer (GPUs).
+    """
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    path = shm_workspace_path(dist.get_rank())
+    dist.barrier()  # all ranks are past shm_initialize, which maps every peer's buffer
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return None
+    return path

@@ -37,5 +37,17 @@ class PreemptionWatch:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
 
+    def close(self) -> None:
+        """Ignore SIGUSR1 from now on: the request to stop has been honoured (or the run is over).
+
+        CPython resets Python-level handlers to the default action while the interpreter shuts
+        down, and SIGUSR1's default kills the process. A repeated request arriving then (the batch
+        shell's forwarded copy after `scancel --signal=USR1 --full`, an impatient second scancel)
+        would turn a clean exit 75 into "killed by signal", which the Slurm scripts count as a
+        crash. SIGTERM keeps its handler: during teardown it still means "die now".
+        """
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+
     def signal_name(self) -> str:
         return signal.Signals(self.received).name if self.received is not None else "a peer rank"
