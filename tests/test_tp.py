@@ -1,7 +1,6 @@
 """Tensor parallelism with LoRA: AutoTP-sharded bases, whole LoRA factors, TP runs = TP=1 runs."""
 
 import json
-import os
 import subprocess
 import sys
 
@@ -109,16 +108,18 @@ def test_lora_on_sharded_base_matches_unsharded_reference(tmp_path):
 
 
 def assert_adapters_agree(a2: dict, a1: dict) -> None:
-    """Same keys and shapes; values equal to fp32 summation-order noise.
-
-    Sharded matmuls sum in another order than unsharded ones (relative error ~1e-7, see the
-    losses). Adam divides each gradient by its own running size, so the few elements whose
-    gradient is near zero can move by up to ~lr·1e-2 differently: we allow those, not more.
-    """
+    """Same keys and shapes, and every value equal to 1e-5 (fp32 summation-order noise)."""
     assert {k: v.shape for k, v in a1.items()} == {k: v.shape for k, v in a2.items()}
     diff = torch.cat([(a2[k] - a1[k]).flatten() for k in a1]).abs()
-    assert diff.max() < 1e-4, diff.max()
-    assert (diff > 1e-5).float().mean() < 1e-3, int((diff > 1e-5).sum())
+    assert diff.max() < 1e-5, diff.max()
+
+
+# The paper's LoRA learning rate (and zero3_tp8.json's). Sharded matmuls sum in another order
+# than unsharded ones (relative error ~1e-7, see the losses), and Adam divides each gradient by
+# its own running size, so an element whose gradient is at eps scale can take a different step
+# of up to ~lr/40. At our small-model default (2e-3, ten times this) 4 of 39,424 elements
+# differed by up to 4.8e-5 after 20 steps; at 2e-4 the largest difference is 5.6e-7.
+LR = 2e-4
 
 
 def _train(tmp_path_factory, name: str, ranks: int, config: str, steps: int):
@@ -126,6 +127,7 @@ def _train(tmp_path_factory, name: str, ranks: int, config: str, steps: int):
     out = tmp_path_factory.mktemp(name)
     cfg = load_ds_config(CONFIGS / config)
     cfg.update(train_batch_size=4, train_micro_batch_size_per_gpu=2)
+    cfg["optimizer"]["params"]["lr"] = LR
     (out / "ds.json").write_text(json.dumps(cfg))
     proc = runs.train(
         ranks,
@@ -212,13 +214,9 @@ def test_tp2_adapter_loads_in_peft_on_the_unsharded_base(tp2_run):
 
 
 @pytest.mark.multirank
-@pytest.mark.skipif(
-    not os.environ.get("LORA_DIST_FOUR_RANKS"),
-    reason="4 CPU ranks on 2 cores take ~4 min; set LORA_DIST_FOUR_RANKS=1 to run",
-)
 def test_tp2_dp2_matches_tp1_dp2(tmp_path_factory):
     """4 ranks (TP 2 x DP 2) against 2 ranks (DP 2): the same global batch and losses."""
-    steps = 3
+    steps = STEPS
     tp1, _ = _train(tmp_path_factory, "tp1dp2", 2, "zero3.json", steps)
     tp2, _ = _train(tmp_path_factory, "tp2dp2", 4, "zero3_tp2.json", steps)
     m1, m2 = runs.metrics(tp1), runs.metrics(tp2)
