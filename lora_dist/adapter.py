@@ -246,3 +246,15 @@ def load_adapter(
     report = inject_lora(model, lora_cfg)
     load_adapter_into(model, weights)
     return report
+
+
+def resolve_adapter_dir(path: str | Path) -> Path:
+    """An adapter directory itself, or the `adapter/` inside a run or checkpoint directory."""
+    path = Path(path)
+    for candidate in (path, path / "adapter"):
+        if (candidate / CONFIG_NAME).is_file():
+            return candidate
+    raise AdapterError(
+        f"{path} holds no {CONFIG_NAME}, nor does {path / 'adapter'}: pass an adapter directory "
+        "or a training run/checkpoint directory that contains adapter/"
+    )

@@ -11,7 +11,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("lora_dist.train", "fine-tune a causal LM with LoRA under DeepSpeed"),
     "plan": ("lora_dist.plan", "predict per-GPU memory for a run before you queue it"),
     "merge": ("lora_dist.export", "fold an adapter into a base model directory, shard by shard"),
-    "inspect": ("lora_dist.export", "print an adapter's config and size, and verify checksums"),
+    "inspect": ("lora_dist.inspection", "print an adapter's config and size, and verify checksums"),
     "eval": ("lora_dist.evaluate", "generate on a dev split and score it with the task metric"),
 }
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import torch
 
+from lora_dist.adapter import resolve_adapter_dir
 from lora_dist.data import encode_prompt
 from lora_dist.generate import greedy_generate, num_batches_for, shard_indices
 from lora_dist.tasks.base import Task
@@ -209,20 +210,6 @@ def evaluate_engine(
 
 
 # --- `lora-dist eval`: load a base (+ adapter), generate, write eval.json -------------------
-
-
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """An adapter directory itself, or the `adapter/` inside a run or checkpoint directory."""
-    from lora_dist.adapter import CONFIG_NAME, AdapterError
-
-    path = Path(path)
-    for candidate in (path, path / "adapter"):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    raise AdapterError(
-        f"{path} holds no {CONFIG_NAME}, nor does {path / 'adapter'}: pass an adapter directory "
-        "or a training run/checkpoint directory that contains adapter/"
-    )
 
 
 def _base_dir(cfg: EvalConfig, adapter_dir: Path | None) -> Path:

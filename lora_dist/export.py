@@ -1,4 +1,4 @@
-"""Shipping an adapter: `merge` folds it into a base model shard by shard; `inspect` checks it.
+"""Shipping an adapter: `lora-dist merge` folds it into a base model, shard by shard.
 
 The merged directory is the base architecture with W = W0 + s·B·A written in place of each
 adapted weight, so it serves with plain transformers (or vLLM, TGI) at zero added latency.
@@ -25,18 +25,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_dist.adapter import (
-    CONFIG_NAME,
-    META_NAME,
     PREFIX,
-    WEIGHTS_NAME,
-    AdapterError,
     check_base_identity,
     lora_config_from_peft,
     read_adapter_config,
     read_adapter_weights,
+    resolve_adapter_dir,
 )
+from lora_dist.inspection import check_manifests
 from lora_dist.lora import merge_weight
-from lora_dist.manifest import MANIFEST_NAME, verify_manifest
+from lora_dist.manifest import MANIFEST_NAME
 
 SINGLE_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
@@ -72,27 +70,6 @@ def parse_size(text: str | int) -> int:
     if size <= 0:
         raise ValueError(f"a shard size must be positive, got {text!r}")
     return size
-
-
-def resolve_adapter_dir(path: str | Path) -> Path:
-    """The adapter in `path`: the directory itself, or a training checkpoint's adapter/."""
-    path = Path(path)
-    for candidate in (path, path / "adapter"):
-        if (candidate / CONFIG_NAME).is_file():
-            return candidate
-    raise AdapterError(f"no {CONFIG_NAME} in {path} or {path / 'adapter'}: not an adapter")
-
-
-def check_manifests(given: Path, adapter_dir: Path) -> tuple[list[str], list[str]]:
-    """(manifests found, problems) for `given` and the adapter inside it, paths from `given`."""
-    found, problems = [], []
-    for directory in dict.fromkeys([given, adapter_dir]):
-        if not (directory / MANIFEST_NAME).is_file():
-            continue
-        rel = directory.relative_to(given).as_posix() if directory != given else ""
-        found.append(f"{rel}/{MANIFEST_NAME}" if rel else MANIFEST_NAME)
-        problems += [f"{rel}/{p}" if rel else p for p in verify_manifest(directory)]
-    return found, problems
 
 
 def base_shards(base_dir: Path) -> list[str]:
@@ -378,72 +355,6 @@ def merge_checkpoint(
     }
 
 
-def inspect_adapter(path: str | Path) -> dict[str, Any]:
-    """An adapter's config, size and checksum verdict; `path` may be a training checkpoint."""
-    given = Path(path)
-    adapter_dir = resolve_adapter_dir(given)
-    cfg = read_adapter_config(adapter_dir)
-    lora = lora_config_from_peft(cfg)
-    manifests, problems = check_manifests(given, adapter_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        tensors = read_adapter_weights(adapter_dir)
-    except AdapterError as exc:
-        problems.append(str(exc))
-    meta_path = adapter_dir / META_NAME
-    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    weights_path = adapter_dir / WEIGHTS_NAME
-    return {
-        "adapter_dir": str(adapter_dir),
-        "peft_type": cfg["peft_type"],
-        "r": lora.r,
-        "lora_alpha": lora.alpha,
-        "scaling": lora.scaling,
-        "lora_dropout": lora.dropout,
-        "target_modules": cfg["target_modules"],
-        "use_rslora": lora.use_rslora,
-        "fan_in_fan_out": bool(cfg.get("fan_in_fan_out", False)),
-        "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-        "base_identity": meta.get("base_identity"),
-        "adapted_modules": sum(k.endswith(".lora_A.weight") for k in tensors),
-        "parameters": sum(t.numel() for t in tensors.values()),
-        "file_bytes": weights_path.stat().st_size if weights_path.is_file() else None,
-        "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()}),
-        "manifests": manifests,
-        "problems": problems,
-    }
-
-
-def format_inspection(info: dict[str, Any]) -> str:
-    """The human-readable report of `lora-dist inspect`."""
-    targets = info["target_modules"]
-    base = info["base_model_name_or_path"] or "unrecorded"
-    if info["base_identity"]:
-        base += f" (config hash {info['base_identity'][:12]})"
-    size = info["file_bytes"]
-    lines = [
-        f"adapter: {info['adapter_dir']}",
-        f"peft_type: {info['peft_type']}",
-        f"r: {info['r']}  alpha: {info['lora_alpha']:g}  scaling: {info['scaling']:g}  "
-        f"dropout: {info['lora_dropout']:g}  use_rslora: {info['use_rslora']}  "
-        f"fan_in_fan_out: {info['fan_in_fan_out']}",
-        f"targets: {', '.join(targets) if isinstance(targets, list) else targets}",
-        f"base model: {base}",
-        f"adapted modules: {info['adapted_modules']}",
-        f"parameters: {info['parameters']:,}",
-        f"file size: {'missing' if size is None else f'{size:,} bytes'} ({WEIGHTS_NAME})",
-        f"dtypes: {', '.join(info['dtypes']) or 'none'}",
-    ]
-    if info["problems"]:
-        lines.append(f"checksums: {len(info['problems'])} problem(s):")
-        lines += [f"  {p}" for p in info["problems"]]
-    elif info["manifests"]:
-        lines.append(f"checksums: OK ({', '.join(info['manifests'])})")
-    else:
-        lines.append("no manifest: checksums not verified")
-    return "\n".join(lines)
-
-
 def configure_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", type=Path, required=True, help="base model directory (safetensors)")
     p.add_argument("--adapter", type=Path, required=True, help="adapter or checkpoint directory")
@@ -465,19 +376,3 @@ def run_merge(args: argparse.Namespace) -> int:
         print(f"lora-dist merge: error: {err}", file=sys.stderr)
         return 2
     return 0
-
-
-def configure_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", type=Path, help="adapter directory or training checkpoint directory")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    """Entry point of `lora-dist inspect`; 1 when a checksum fails, 2 when it is no adapter."""
-    try:
-        info = inspect_adapter(args.dir)
-    except (ValueError, OSError) as err:
-        print(f"lora-dist inspect: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
-    return 1 if info["problems"] else 0

@@ -13,7 +13,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +30,7 @@ from lora_dist.ds_config import (
 )
 from lora_dist.loading import load_base_model, resolve_model_dir, seed_everything
 from lora_dist.lora import LoraConfig
+from lora_dist.train_config import TrainConfig, config_from_args, configure_train
 
 EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue me
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # ranks must not fork tokenizer pools
@@ -38,72 +39,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # ranks must not fork 
 warnings.filterwarnings("ignore", category=FutureWarning, module="torch.distributed.c10d_logger")
 
 
-@dataclass
-class TrainConfig:
-    """Everything one training run needs besides the DeepSpeed JSON."""
-
-    ds_config: str = "ds_configs/zero3.json"
-    """DeepSpeed JSON: batch sizes, precision, ZeRO stage, optimizer, TP degree."""
-    model: str | None = None
-    """A local Hugging Face causal-LM directory; default: the embedded small LLaMA."""
-    task: str = "wikisql"
-    """Task name (see lora_dist.tasks)."""
-    data: str | None = None
-    """Directory of the task's files; default: the sample shipped with the task."""
-    output_dir: str = "runs/default"
-    """Where adapter/, tensorboard/, checkpoints/ and metrics.json go."""
-    max_steps: int | None = None
-    """Optimizer steps; overrides epochs when set."""
-    epochs: float = 8.0
-    """Passes over the training split when max_steps is not set."""
-    lora_r: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.0
-    lora_targets: str = "attn"
-    """A preset (attn = q,v as in the paper; attn-all; all; all-linear), suffixes, or re:..."""
-    use_rslora: bool = False
-    lr: float | None = None
-    """Peak learning rate; default: the optimizer lr in the DeepSpeed JSON."""
-    lr_schedule: str = "linear"
-    warmup_steps: int = 10
-    seed: int = 1234
-    max_length: int = 256
-    eval_every: int | None = None
-    """Evaluate the dev loss every N steps; default: five times per run."""
-    skip_task_eval: bool = False
-    """Skip generating on the dev split and scoring it with the task metric at the end."""
-    task_eval_every: int | None = None
-    """Also run the task evaluation every N steps."""
-    eval_max_new_tokens: int = 64
-    eval_batch_size: int = 32
-    """Prompts decoded together per rank in the task evaluation."""
-    eval_limit: int | None = None
-    """Evaluate the task metric on the first N dev prompts only."""
-    full_finetune: bool = False
-    """Train every weight (the paper's baseline) instead of LoRA."""
-    activation_checkpointing: bool = False
-    save_every: int | None = None
-    keep_last: int = 2
-    resume: str | None = None
-    """'auto' for the latest valid checkpoint in output_dir, or a checkpoint path."""
-
-
-def configure_train(parser: argparse.ArgumentParser) -> None:
-    defaults = TrainConfig()
-    for f in fields(TrainConfig):
-        default = getattr(defaults, f.name)
-        flag = f"--{f.name}"
-        if isinstance(default, bool):
-            parser.add_argument(flag, action="store_true", default=default)
-        else:
-            kind = {"int": int, "float": float}.get(str(f.type).split(" |")[0], str)
-            parser.add_argument(flag, type=kind, default=default)
-    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-
-
 def run_train(args: argparse.Namespace) -> int:
-    cfg = TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig)})
-    return train(cfg)
+    return train(config_from_args(args))
 
 
 class Trainer(CheckpointMixin):

@@ -17,12 +17,12 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_dist.adapter import AdapterError, lora_state_dict, save_adapter
+from lora_dist.adapter import AdapterError, lora_state_dict, resolve_adapter_dir, save_adapter
 from lora_dist.cli import main as cli_main
 from lora_dist.data import encode_prompt
 from lora_dist.default_assets import ensure_default_model
 from lora_dist.distributed.collective import all_done_fn, gather_objects_to_main
-from lora_dist.evaluate import distinct_prompts, evaluate_engine, evaluate_task, resolve_adapter_dir
+from lora_dist.evaluate import distinct_prompts, evaluate_engine, evaluate_task
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from lora_dist.tasks import get_task

@@ -63,3 +63,20 @@ def test_dataset_row_missing_a_field_names_file_and_line(tmp_path, field):
     (data / "dev.jsonl").write_text("\n".join(lines) + "\n")
     proc = run_single("--data", str(data), "--output_dir", str(tmp_path / "o"))
     assert_clear_error(proc, "dev.jsonl", "7")
+
+
+def test_every_flag_is_documented_in_help(capsys, monkeypatch) -> None:
+    from dataclasses import fields
+
+    monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens)
+    from lora_dist.train import main
+    from lora_dist.train_config import TrainConfig
+
+    with pytest.raises(SystemExit) as stop:
+        main(["--help"])
+    assert stop.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in fields(TrainConfig):
+        assert f"--{f.name}" in text
+        assert f.metadata["help"] in text, f.name
+    assert "[ds_configs/zero3.json]" in text and "[8]" in text  # defaults are shown
