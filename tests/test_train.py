@@ -114,6 +114,13 @@ def test_full_finetune_trains_everything_and_holds_more(lora_run, tmp_path):
     assert full["train_losses"][-1][1] < full["train_losses"][0][1]
 
 
+def assert_resumed_exactly(out, reference_out, resumed: dict, reference: dict) -> None:
+    """Bit-equal losses and adapter: same data, same RNG, same Adam state and bias correction."""
+    assert {step: reference[step] for step in resumed} == resumed
+    for key, value in runs.adapter(reference_out).items():
+        assert torch.equal(runs.adapter(out)[key], value), key
+
+
 def test_resume_after_sigkill_is_exact(lora_run, tmp_path):
     proc = runs.start(
         2, "--output_dir", str(tmp_path), "--max_steps", str(STEPS), "--save_every", "4"
@@ -141,10 +148,7 @@ def test_resume_after_sigkill_is_exact(lora_run, tmp_path):
     )
     resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
     assert sorted(resumed) == [5, 6, 7, 8]
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=1e-6), step
-    for key, value in runs.adapter(lora_run).items():
-        torch.testing.assert_close(runs.adapter(tmp_path)[key], value, rtol=0, atol=1e-6)
+    assert_resumed_exactly(tmp_path, lora_run, resumed, reference)
 
 
 def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_path):
@@ -178,10 +182,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
     )
     resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
     assert min(resumed) == stopped_at + 1 and max(resumed) == STEPS
-    for step, loss in resumed.items():
-        assert loss == pytest.approx(reference[step], rel=1e-6), step
-    for key, value in runs.adapter(lora_run).items():
-        torch.testing.assert_close(runs.adapter(tmp_path)[key], value, rtol=0, atol=1e-6)
+    assert_resumed_exactly(tmp_path, lora_run, resumed, reference)
 
 
 def test_two_rank_checkpoint_resumes_on_one_rank_past_a_corrupt_one(lora_run, tmp_path):

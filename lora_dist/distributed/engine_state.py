@@ -102,6 +102,53 @@ def restore_lora_optimizer_state(
                 param.copy_(master.to(param.dtype))
             for k in ADAM_KEYS:
                 inner.state[param][k].copy_(tensors[f"{key}.{k}"])
+    replay_cpu_adam_steps(inner, int(count))
+
+
+def replay_cpu_adam_steps(inner, steps: int) -> int:
+    """Give DeepSpeed's C++ Adam the bias-correction state an uninterrupted run would have.
+
+    The C++ Adam behind DeepSpeedCPUAdam (optimizer offload) and behind FusedAdam on the CPU
+    accelerator keeps beta^t between calls: pow(beta, t) on its first call, then one
+    multiplication per step (`IncrementStep` in deepspeed/ops/csrc/includes/cpu_adam.h). A
+    resumed process starts from pow(beta, k + 1), which can differ from k + 1 products in the last
+    bit, and then every update differs by about one ulp from the run that was never stopped.
+    Calling the kernel for steps 1..k on one-element scratch tensors rebuilds the same product.
+    CUDA's fused Adam computes pow() on every step and keeps no such state. Returns the number of
+    replayed calls (0 where the optimizer is not one of these kernels).
+    """
+    if steps < 1 or not inner.param_groups:
+        return 0
+    group = inner.param_groups[0]
+    beta1, beta2 = group["betas"]
+    args = (group["lr"], beta1, beta2, group["eps"])
+    tail = (group["weight_decay"],)
+    scratch = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
+    if hasattr(inner, "ds_opt_adam") and hasattr(inner, "opt_id"):  # DeepSpeedCPUAdam
+        for t in range(1, steps + 1):
+            inner.ds_opt_adam.adam_update(
+                inner.opt_id, t, *args, *tail, group["bias_correction"], *scratch
+            )
+        return steps
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.ops.adam import FusedAdam
+
+    if isinstance(inner, FusedAdam) and get_accelerator().device_name() == "cpu":
+        p, g, m, v = scratch
+        flag = 1 if group["bias_correction"] else 0
+        for t in range(1, steps + 1):
+            inner.multi_tensor_adam(
+                65536,
+                inner._dummy_overflow_buf,
+                [[g], [p], [m], [v]],
+                *args,
+                t,
+                inner.adam_w_mode,
+                flag,
+                *tail,
+            )
+        return steps
+    return 0
 
 
 def rng_state() -> tuple[torch.Tensor, dict]:
