@@ -30,6 +30,8 @@ import sys
 import time
 from pathlib import Path
 
+from lora_dist.host_memory import ENV, MMAP_THRESHOLD
+
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "benchmarks" / "ds_bench_zero3_bf16.json"
 SEQ, LORA_R, TARGETS = 128, 4, ("q_proj", "v_proj")
@@ -86,7 +88,9 @@ def run_worker(args: argparse.Namespace) -> None:
         model_state_bytes,
     )
     from lora_dist.ds_config import batch_layout, load_ds_config, prepare_for_run
+    from lora_dist.host_memory import pin_mmap_threshold
 
+    pin_mmap_threshold(args.host_mmap_threshold)  # as the trainer does, for every configuration
     info = init_distributed()
     baseline = rss_now()
     raw = load_ds_config(args.ds_config)
@@ -161,8 +165,11 @@ def run_latency(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
+    from lora_dist.host_memory import pin_mmap_threshold
     from lora_dist.inject import inject_lora
     from lora_dist.lora import LoraConfig, merge_and_unload
+
+    pin_mmap_threshold(args.host_mmap_threshold)
 
     load = lambda: AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.bfloat16)  # noqa: E731
     base = load().eval()
@@ -231,6 +238,7 @@ def launch(worker: str, args: argparse.Namespace, model_dir: Path, data: Path, o
     bin_dir = Path(sys.executable).parent
     env["PATH"] = f"{bin_dir}:{env.get('PATH', '')}"
     common = ["--model_dir", str(model_dir), "--data", str(data), "--out", str(out / worker)]
+    common += ["--host_mmap_threshold", str(args.host_mmap_threshold)]
     if worker == "latency":
         cmd = [sys.executable, __file__, "--worker", worker, "--repeats", str(args.repeats)]
     else:
@@ -331,6 +339,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=30, help="forward-latency repeats")
     p.add_argument("--ds_config", default=str(DS_CONFIG))
     p.add_argument("--loader", choices=("streamed", "from_pretrained"), default="streamed")
+    p.add_argument(
+        "--host_mmap_threshold",
+        type=int,
+        default=MMAP_THRESHOLD,
+        help="the trainer's flag of that name, applied to every configuration (0: glibc default)",
+    )
     p.add_argument("--name", help="results/<name>.json (default: the size)")
     p.add_argument("--results", default=str(REPO / "benchmarks" / "results"))
     p.add_argument("--work_dir", default=os.environ.get("LORA_DIST_BENCH_DIR", "/tmp/lora_bench"))
@@ -357,6 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     res: dict = {"shape": shape, "seq": SEQ, "lora_r": LORA_R, "targets": list(TARGETS)}
     res |= {"ds_config": json.loads(Path(args.ds_config).read_text()), "loader": args.loader}
+    res |= {"host_mmap_threshold": args.host_mmap_threshold, "malloc_env": os.environ.get(ENV)}
     res |= {"steps": args.steps, "warmup": args.warmup, "command": " ".join(sys.argv)}
     for worker in (*WORKERS, "latency"):
         launch(worker, args, model_dir, data, out)

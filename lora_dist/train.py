@@ -28,6 +28,7 @@ from lora_dist.ds_config import (
     load_ds_config,
     prepare_for_run,
 )
+from lora_dist.host_memory import pin_mmap_threshold
 from lora_dist.loading import load_base_model, resolve_model_dir, seed_everything
 from lora_dist.lora import LoraConfig
 from lora_dist.train_config import TrainConfig, config_from_args, configure_train
@@ -61,6 +62,7 @@ class Trainer(CheckpointMixin):
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
+        pin_mmap_threshold(cfg.host_mmap_threshold)  # before anything large is allocated
         raw_cfg = load_ds_config(cfg.ds_config)
         self.rank_info = init_distributed()
         self.rank, self.world = self.rank_info.rank, self.rank_info.world_size

@@ -10,6 +10,8 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from lora_dist.host_memory import MMAP_THRESHOLD
+
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's own word
     return field(default=default, metadata={"help": help})
@@ -56,6 +58,11 @@ class TrainConfig:
     activation_checkpointing: bool = _opt(False, "recompute activations in the backward pass")
     save_every: int | None = _opt(None, "write a resumable checkpoint every N steps")
     keep_last: int = _opt(2, "resumable checkpoints to keep (older ones are deleted)")
+    host_mmap_threshold: int = _opt(
+        MMAP_THRESHOLD,
+        "bytes from which host allocations are mmapped at a fixed glibc threshold, so freed "
+        "ZeRO-3 gather buffers leave RSS (0: glibc's dynamic default; MALLOC_MMAP_THRESHOLD_ wins)",
+    )
     resume: str | None = _opt(
         None, "'auto' for the latest valid checkpoint in --output_dir, or a checkpoint path"
     )

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import torch
 from torch import nn
 
 from lora_dist.adapter import PREFIX
+from lora_dist.host_memory import returning_freed_host_memory
 from lora_dist.lora import lora_layers
 
 
@@ -134,37 +134,6 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     if single.is_file():
         return [single]
     raise FileNotFoundError(f"{model_dir} has no model.safetensors[.index.json] to stream")
-
-
-@contextlib.contextmanager
-def returning_freed_host_memory() -> Iterator[None]:
-    """Inside the block, glibc hands large freed blocks back to the OS; trims the heap on exit.
-
-    Building under zero.Init allocates every weight whole and frees it once partitioned, and
-    each gather allocates and frees a whole tensor. glibc's dynamic mmap threshold climbs to
-    32 MB after the first such free, so later tensors come from the heap and their freed
-    space stays resident: a 220 MB fp32 model grew RSS by ~480 MB on one rank (~270 MB with
-    the threshold pinned). A no-op where glibc is absent; a threshold pinned through the
-    MALLOC_MMAP_THRESHOLD_ environment variable is left as the user set it.
-    """
-    if "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        yield
-        return
-    try:
-        import ctypes
-
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt, trim = libc.mallopt, libc.malloc_trim
-    except (OSError, AttributeError):
-        yield
-        return
-    m_mmap_threshold = -3
-    mallopt(m_mmap_threshold, 1 << 20)  # blocks of 1 MiB and up: mmap, unmapped on free
-    try:
-        yield
-    finally:
-        mallopt(m_mmap_threshold, 32 << 20)  # glibc's dynamic ceiling: training as before
-        trim(0)
 
 
 def load_streamed_zero3(
