@@ -119,34 +119,27 @@ def replay_cpu_adam_steps(inner, steps: int) -> int:
     """
     if steps < 1 or not inner.param_groups:
         return 0
-    group = inner.param_groups[0]
-    beta1, beta2 = group["betas"]
-    args = (group["lr"], beta1, beta2, group["eps"])
-    tail = (group["weight_decay"],)
+    g = inner.param_groups[0]
+    beta1, beta2 = g["betas"]
     scratch = [torch.zeros(1) for _ in range(4)]  # param, grad, exp_avg, exp_avg_sq
     if hasattr(inner, "ds_opt_adam") and hasattr(inner, "opt_id"):  # DeepSpeedCPUAdam
         for t in range(1, steps + 1):
             inner.ds_opt_adam.adam_update(
-                inner.opt_id, t, *args, *tail, group["bias_correction"], *scratch
-            )
+                inner.opt_id, t, g["lr"], beta1, beta2, g["eps"], g["weight_decay"],
+                g["bias_correction"], *scratch,
+            )  # fmt: skip
         return steps
     from deepspeed.accelerator import get_accelerator
     from deepspeed.ops.adam import FusedAdam
 
     if isinstance(inner, FusedAdam) and get_accelerator().device_name() == "cpu":
-        p, g, m, v = scratch
-        flag = 1 if group["bias_correction"] else 0
+        p, grad, m, v = scratch
         for t in range(1, steps + 1):
             inner.multi_tensor_adam(
-                65536,
-                inner._dummy_overflow_buf,
-                [[g], [p], [m], [v]],
-                *args,
-                t,
-                inner.adam_w_mode,
-                flag,
-                *tail,
-            )
+                65536, inner._dummy_overflow_buf, [[grad], [p], [m], [v]],
+                g["lr"], beta1, beta2, g["eps"], t, inner.adam_w_mode,
+                int(bool(g["bias_correction"])), g["weight_decay"],
+            )  # fmt: skip
         return steps
     return 0
 

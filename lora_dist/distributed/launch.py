@@ -324,17 +324,14 @@ def init_distributed(backend: str | None = None) -> RankInfo:
 SHM_DIR = Path("/dev/shm")
 
 
-def shm_workspace_path(rank: int, environ: Mapping[str, str] | None = None) -> Path:
+def shm_workspace_path(rank: int) -> Path:
     """Where DeepSpeed's CPU comm op keeps rank `rank`'s shared-memory all-reduce buffer.
 
     The op (deepspeed/ops/csrc/cpu/comm/shm.cpp) names it from the uid, MASTER_ADDR, MASTER_PORT
     and the rank; POSIX shm_open puts it under /dev/shm on Linux.
     """
-    environ = os.environ if environ is None else environ
-    name = "deepspeed_allreduce_buffer_{}_{}_{}_{}".format(
-        os.getuid(), environ.get("MASTER_ADDR", ""), environ.get("MASTER_PORT", ""), rank
-    )
-    return SHM_DIR / name
+    addr, port = os.environ.get("MASTER_ADDR", ""), os.environ.get("MASTER_PORT", "")
+    return SHM_DIR / f"deepspeed_allreduce_buffer_{os.getuid()}_{addr}_{port}_{rank}"
 
 
 def release_shm_workspace() -> Path | None:
