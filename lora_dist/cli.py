@@ -20,6 +20,7 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "merge": "lora_dist.export",
     "inspect": "lora_dist.inspection",
     "eval": "lora_dist.evaluate",
+    "import-gguf": "lora_dist.commands.import_gguf",
 }
 # One-line help of modules that do not yet start with it (converted modules use their docstring).
 _LEGACY_HELP = {

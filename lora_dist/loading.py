@@ -9,7 +9,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_dist.ds_config import ConfigError, model_dtype
+from lora_dist.ds_config import model_dtype
+from lora_dist.models import resolve_model_dir  # noqa: F401 (its old home)
 
 
 def seed_everything(seed: int) -> None:
@@ -17,20 +18,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def resolve_model_dir(model: str | None) -> Path:
-    """`--model` as a checked directory; None means the embedded default, built on first use."""
-    if model is None:
-        from lora_dist.default_assets import ensure_default_model
-
-        return ensure_default_model()
-    path = Path(model)
-    if not path.is_dir():
-        raise ConfigError(f"model directory {path} does not exist")
-    if not (path / "config.json").is_file():
-        raise ConfigError(f"{path} has no config.json: it is not a Hugging Face model directory")
-    return path
 
 
 def load_base_model(model_dir: Path, ds_cfg: dict[str, Any], stage: int) -> torch.nn.Module:

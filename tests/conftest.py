@@ -22,13 +22,14 @@ SMALL_STEPS = 8
 # checkpoint is then the one written on the signal.
 GPT3_SMALL_ENV = {
     "DS_CONFIG": "ds_configs/zero3.json",
+    "MODEL_DIR": "tiny",
     "MAX_STEPS": str(SMALL_STEPS),
     "EVAL_EVERY": str(SMALL_STEPS),
     "ACTIVATION_CHECKPOINTING": "0",
     "EXTRA_ARGS": "--skip_task_eval",
 }
 SMALL_FLAGS = (
-    "--ds_config", "ds_configs/zero3.json", "--task", "wikisql",
+    "--ds_config", "ds_configs/zero3.json", "--task", "wikisql", "--model", "tiny",
     "--lora_r", "4", "--lora_alpha", "4", "--lora_targets", "attn", "--resume", "auto",
     "--lr", "2e-4", "--epochs", "2", "--max_steps", str(SMALL_STEPS), "--save_every", "50",
     "--eval_every", str(SMALL_STEPS), "--skip_task_eval",

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,7 +18,11 @@ from safetensors.torch import load_file
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-CACHE = Path(os.environ.get("LORA_DIST_TEST_CACHE", "/tmp/lora_dist_test_cache"))
+# A fresh model cache for every test session, so every run proves a cold start (a fixed cache
+# once hid a build that only worked when an earlier run had left a complete model behind).
+CACHE = Path(tempfile.mkdtemp(prefix="lora_dist_test_cache-"))
+atexit.register(shutil.rmtree, CACHE, True)
+TEST_MODEL = "tiny"  # the random 1M-parameter LLaMA; a test that wants another passes --model
 
 
 def free_port() -> int:
@@ -37,10 +44,15 @@ def run_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def with_test_model(args: tuple[str, ...] | list[str]) -> list[str]:
+    """ARGS with `--model tiny` added unless they name a model."""
+    return [*args] if "--model" in args else [*args, "--model", TEST_MODEL]
+
+
 def train_cmd(ranks: int, *args: str) -> list[str]:
     """`deepspeed --num_gpus N launcher/train.py ARGS` (N CPU ranks over gloo)."""
     launcher = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port())]
-    return [*launcher, str(REPO / "launcher" / "train.py"), *args]
+    return [*launcher, str(REPO / "launcher" / "train.py"), *with_test_model(args)]
 
 
 def train(ranks: int, *args: str, check: bool = True, timeout: float = 600):

@@ -10,13 +10,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dist.data import IGNORE_INDEX, collate, encode_prompt, tokenize_split
-from lora_dist.default_assets import default_data_dir, ensure_default_model
+from lora_dist.models import resolve_model_dir
 from lora_dist.tasks.wikisql import TASK
+from lora_dist.tasks.wikisql import TASK as WIKISQL
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ensure_default_model(tmp_path_factory.mktemp("cache"))
+    return resolve_model_dir("tiny", tmp_path_factory.mktemp("cache"))
 
 
 @pytest.fixture(scope="module")
@@ -25,8 +26,8 @@ def tok(model_dir: Path):
 
 
 def test_labels_cover_exactly_target_and_eos(tok) -> None:
-    ds = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=512)
-    rows = list(TASK.load_split(default_data_dir(), "dev"))
+    ds = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=512)
+    rows = list(TASK.load_split(WIKISQL.sample_dir(), "dev"))
     assert len(ds) == len(rows)
     for ex, row in zip(ds, rows, strict=True):
         ids, labels = ex["input_ids"], ex["labels"]
@@ -41,11 +42,11 @@ def test_labels_cover_exactly_target_and_eos(tok) -> None:
 
 
 def test_truncation_drops_prompt_from_the_left(tok, caplog) -> None:
-    full = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=512)
-    rows = list(TASK.load_split(default_data_dir(), "dev"))
+    full = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=512)
+    rows = list(TASK.load_split(WIKISQL.sample_dir(), "dev"))
     max_length = sorted(len(ex["input_ids"]) for ex in full)[len(rows) // 2]  # about half fit
     with caplog.at_level(logging.WARNING, logger="lora_dist.data"):
-        short = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=max_length)
+        short = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=max_length)
     too_long = sum(len(ex["input_ids"]) > max_length for ex in full)
     assert 0 < too_long < len(rows)
     warnings = [r.getMessage() for r in caplog.records if r.name == "lora_dist.data"]
@@ -62,13 +63,13 @@ def test_truncation_drops_prompt_from_the_left(tok, caplog) -> None:
             assert kept == long_ex["input_ids"][n_prompt - len(kept) : n_prompt]
         else:  # the target alone does not fit: its head is kept
             assert labelled == (target_ids + [tok.eos_token_id])[: max_length - 1]
-    tiny = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=8)
+    tiny = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=8)
     assert all(len(ex["input_ids"]) == 8 and ex["input_ids"][0] == tok.bos_token_id for ex in tiny)
 
 
 def test_tokenization_is_deterministic(tok) -> None:
-    a = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=64)
-    b = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=64)
+    a = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=64)
+    b = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=64)
     assert a["input_ids"] == b["input_ids"] and a["labels"] == b["labels"]
 
 
@@ -87,7 +88,7 @@ def test_collate_pads_right_and_masks_padding(tok) -> None:
 def test_padded_batch_loss_equals_unpadded_losses(model_dir: Path, tok) -> None:
     """Padding must not change the loss: compare with each example run alone, unpadded."""
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ds = tokenize_split(TASK, default_data_dir(), "dev", tok, max_length=512)
+    ds = tokenize_split(TASK, WIKISQL.sample_dir(), "dev", tok, max_length=512)
     features = [ds[i] for i in range(6)]
     with torch.no_grad():
         batch_loss = model(**collate(features, tok.pad_token_id)).loss

@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from lora_dist.adapter import AdapterError, lora_state_dict, resolve_adapter_dir, save_adapter
 from lora_dist.cli import main as cli_main
 from lora_dist.data import encode_prompt
-from lora_dist.default_assets import ensure_default_model
 from lora_dist.distributed.collective import all_done_fn, gather_objects_to_main
 from lora_dist.evaluate import distinct_prompts, evaluate_engine, evaluate_task
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
+from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from tests.tiny_models import randomize_lora_b
 
@@ -43,7 +43,7 @@ def _cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def adapter_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A random adapter with non-zero B on every linear layer, inside a run directory."""
-    src = ensure_default_model(_cache(tmp_path_factory))
+    src = resolve_model_dir("tiny", _cache(tmp_path_factory))
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     torch.manual_seed(0)
     cfg = LoraConfig(r=4, alpha=8.0, targets="all")
@@ -65,7 +65,7 @@ def base_dir(adapter_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
     from lora_dist.adapter import load_adapter
 
     dst = tmp_path_factory.mktemp("base") / "model"
-    shutil.copytree(ensure_default_model(_cache(tmp_path_factory)), dst)
+    shutil.copytree(resolve_model_dir("tiny", _cache(tmp_path_factory)), dst)
     model = AutoModelForCausalLM.from_pretrained(str(dst), dtype=torch.float32)
     load_adapter(model, adapter_dir / "adapter")
     tok = AutoTokenizer.from_pretrained(str(dst))

@@ -20,11 +20,11 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lora_dist import cli
 from lora_dist.adapter import META_NAME, AdapterError, lora_state_dict, save_adapter
-from lora_dist.default_assets import ensure_default_model
 from lora_dist.export import INDEX_NAME, SINGLE_NAME, MergeError, merge_checkpoint
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from lora_dist.manifest import write_manifest
+from lora_dist.models import resolve_model_dir
 from tests.tiny_models import randomize_lora_b, tiny_gpt2, tiny_llama, tokens
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")
@@ -87,7 +87,7 @@ def _make_case(root: Path, model, targets: str, rslora: bool, shard: str, name: 
 def llama(tmp_path_factory: pytest.TempPathFactory) -> Case:
     """The embedded default LLaMA with its SentencePiece tokenizer, re-saved in ~15 shards."""
     root = tmp_path_factory.mktemp("llama")
-    default = ensure_default_model(root / "cache")
+    default = resolve_model_dir("tiny", root / "cache")
     model = AutoModelForCausalLM.from_pretrained(default, dtype=torch.float32).eval()
     case = _make_case(root, model, "all", True, "300KB", str(default))
     for name in TOKENIZER_FILES:

@@ -11,7 +11,6 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dist.data import collate, tokenize_split
-from lora_dist.default_assets import ensure_default_model
 from lora_dist.distributed.tp import (
     register_tp_linear_types,
     shard_base_for_tp,
@@ -21,6 +20,7 @@ from lora_dist.distributed.tp import (
 from lora_dist.ds_config import batch_layout, load_ds_config, tp_size
 from lora_dist.inject import LINEAR_TYPES
 from lora_dist.lora import LoraConfig, LoraLinear
+from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from tests import runs
 
@@ -204,7 +204,7 @@ def _dev_loss(model, tokenizer) -> float:
 
 @pytest.mark.multirank
 def test_tp2_adapter_loads_in_peft_on_the_unsharded_base(tp2_run):
-    base_dir = ensure_default_model(runs.CACHE)
+    base_dir = resolve_model_dir("tiny", runs.CACHE)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tp2_run[0] / "adapter").eval()

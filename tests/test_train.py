@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dist.data import collate, tokenize_split
-from lora_dist.default_assets import ensure_default_model
+from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from tests import runs
 
@@ -68,7 +68,7 @@ def test_zero3_lora_run_trains_and_shards(lora_run):
 
 
 def test_adapter_loads_in_peft_and_reproduces_dev_loss(lora_run):
-    base_dir = ensure_default_model(runs.CACHE)
+    base_dir = resolve_model_dir("tiny", runs.CACHE)
     tokenizer = AutoTokenizer.from_pretrained(base_dir)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, lora_run / "adapter").eval()
@@ -93,7 +93,7 @@ def test_tensorboard_holds_the_scalars(lora_run):
 def test_checkpoint_holds_no_base_weights(lora_run):
     ckpt = lora_run / "checkpoints" / "step-8"
     size = sum(p.stat().st_size for p in ckpt.rglob("*") if p.is_file())
-    base_size = (ensure_default_model(runs.CACHE) / "model.safetensors").stat().st_size
+    base_size = (resolve_model_dir("tiny", runs.CACHE) / "model.safetensors").stat().st_size
     lora_bytes = 16384 * 4
     # adapter + fp32 master + 2 Adam moments: 4 copies of the LoRA factors, plus RNG states and
     # JSON (about 40 kB here); the 4.3 MB base is nowhere in it

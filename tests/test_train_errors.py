@@ -7,14 +7,14 @@ import sys
 
 import pytest
 
-from lora_dist.default_assets import default_data_dir
+from lora_dist.tasks.wikisql import TASK as WIKISQL
 from tests import runs
 
 
 def run_single(*args: str) -> subprocess.CompletedProcess:
     """`python launcher/train.py ARGS` as one plain process (no launcher)."""
     return subprocess.run(
-        [sys.executable, str(runs.REPO / "launcher" / "train.py"), *args],
+        [sys.executable, str(runs.REPO / "launcher" / "train.py"), *runs.with_test_model(args)],
         cwd=runs.REPO,
         env=runs.run_env(MASTER_PORT=str(runs.free_port())),
         capture_output=True,
@@ -55,7 +55,7 @@ def test_batch_sizes_that_do_not_fit_the_world(tmp_path):
 @pytest.mark.parametrize("field", ["question", "sql"])
 def test_dataset_row_missing_a_field_names_file_and_line(tmp_path, field):
     data = tmp_path / "wikisql"
-    shutil.copytree(default_data_dir(), data)
+    shutil.copytree(WIKISQL.sample_dir(), data)
     lines = (data / "dev.jsonl").read_text().splitlines()
     row = json.loads(lines[6])
     del row[field]
