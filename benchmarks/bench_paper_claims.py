@@ -1,0 +1,238 @@
+"""The paper's central claims on the real default model and the shipped WikiSQL sample.
+
+Every configuration is one run of the real trainer (`deepspeed --num_gpus 2 launcher/train.py`,
+bf16, ZeRO-3, the same global batch, epochs and data order), scored by the trainer's own
+end-of-run evaluation (greedy SQL generation executed in SQLite). Stages, in order:
+
+  floor      the untrained model (lora-dist eval on the bare base)
+  lr         the same 3-point learning-rate sweep and budget for LoRA q,v r=8 and for full
+             fine-tuning (seed 0); the best dev execution accuracy picks each method's lr
+  headline   full fine-tuning vs LoRA q,v r=8 at their tuned lr, 3 seeds each (Table 4)
+  rank       LoRA on q,v with r = 1, 2, 4, 8, 64 (Table 6)
+  targets    LoRA on {q}, {v}, {q,v}, {q,k,v,o} and every linear layer at about the q,v r=8
+             parameter budget (Table 5)
+
+Sweeps score the first `--sweep_prompts` dev prompts, the headline all of them. Results go to
+benchmarks/results/<name>.json and <name>.png, and a Markdown table is printed.
+
+    flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_paper_claims.py
+    PYTHONPATH=. python benchmarks/bench_paper_claims.py --quick   # tiny model, 2 steps, 2 configs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parent.parent
+DS_CONFIG = REPO / "benchmarks" / "ds_paper_claims.json"
+LORA_LRS = (5e-4, 1e-3, 2e-3)
+FULL_LRS = (2e-5, 5e-5, 1e-4)
+SEEDS = (0, 1, 2)
+RANKS = (1, 2, 4, 8, 64)
+# (label, --lora_targets, r): about the parameter budget of q,v at r=8 on SmolLM2
+# (q: 576->576, k and v: 576->192, o: 576->576, MLP: 576<->1536), as Table 5 fixes 18M on GPT-3.
+TARGETS = (
+    ("q", "q_proj", 13),
+    ("v", "v_proj", 20),
+    ("q,v", "attn", 8),
+    ("q,k,v,o", "attn-all", 4),
+    ("all linear", "all-linear", 2),
+)
+
+
+def _deepspeed(args: list[str], log: Path) -> None:
+    port = 29500 + os.getpid() % 1000
+    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    cmd += ["--master_port", str(port), str(REPO / "launcher" / "train.py"), *args]
+    env = {**os.environ, "LORA_DIST_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
+    with open(log, "w") as f:
+        done = subprocess.run(cmd, cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        raise SystemExit(f"run failed ({done.returncode}); see {log}")
+
+
+def train(work: Path, tag: str, common: list[str], extra: list[str], prompts: int | None) -> dict:
+    """One trainer run; returns the numbers the tables need (cached in work/<tag>/)."""
+    out = work / tag
+    if not (out / "metrics.json").is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        limit = ["--eval_limit", str(prompts)] if prompts else []
+        started = time.perf_counter()
+        _deepspeed([*common, *extra, *limit, "--output_dir", str(out)], out.with_suffix(".log"))
+        print(f"  {tag}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    m = json.loads((out / "metrics.json").read_text())
+    task = m["task_metrics"] or {}
+    return {
+        "tag": tag,
+        "execution_accuracy": task.get("execution_accuracy"),
+        "logical_form_accuracy": task.get("logical_form_accuracy"),
+        "n_prompts": task.get("n"),
+        "dev_loss_initial": m["dev_loss_initial"],
+        "dev_loss": m["dev_loss"],
+        "trainable_params": m["trainable_params"],
+        "peak_memory_bytes_per_rank": max(m["peak_memory_bytes_per_rank"]),
+        "step_time_median_s": m["step_time_median_s"],
+        "steps": m["steps"],
+    }
+
+
+def floor(work: Path, model: str, prompts: int | None) -> dict:
+    out = work / "floor"
+    if not (out / "eval.json").is_file():
+        cmd = [sys.executable, "-m", "lora_dist.cli", "eval", "--output_dir", str(out)]
+        cmd += ["--base", model] if model else []
+        cmd += ["--limit", str(prompts)] if prompts else []
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, capture_output=True)
+    metrics = json.loads((out / "eval.json").read_text())["metrics"]
+    return {"tag": "floor", **metrics}
+
+
+def summarize(runs: list[dict]) -> dict[str, Any]:
+    """Mean and spread (min..max) of every number over the runs (seeds) of one configuration."""
+    out: dict[str, Any] = {"tags": [r["tag"] for r in runs]}
+    for key in ("execution_accuracy", "logical_form_accuracy", "dev_loss", "trainable_params"):
+        values = [r[key] for r in runs]
+        out[key] = {"mean": statistics.fmean(values), "min": min(values), "max": max(values)}
+    out["peak_memory_gb_per_rank"] = statistics.fmean(
+        r["peak_memory_bytes_per_rank"] / 1e9 for r in runs
+    )
+    out["step_time_s"] = statistics.fmean(r["step_time_median_s"] for r in runs)
+    return out
+
+
+def _spread(d: dict[str, float]) -> str:
+    extra = f" ({d['min']:.3f}-{d['max']:.3f})" if d["max"] > d["min"] else ""
+    return f"{d['mean']:.3f}{extra}"
+
+
+def table(rows: list[tuple[str, dict]]) -> str:
+    lines = [
+        "| configuration | trainable params | execution acc. | logical-form acc. | "
+        "peak memory/rank | step time |",
+        "|---|---|---|---|---|---|",
+    ]
+    for label, s in rows:
+        ex, lf = s["execution_accuracy"], s["logical_form_accuracy"]
+        lines.append(
+            f"| {label} | {int(s['trainable_params']['mean']):,} | {_spread(ex)} | {_spread(lf)} | "
+            f"{s['peak_memory_gb_per_rank']:.2f} GB | {s['step_time_s']:.2f} s |"
+        )
+    return "\n".join(lines)
+
+
+def plot(path: Path, floor_acc: float, rows: list[tuple[str, dict]]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = ["untrained"] + [label for label, _ in rows]
+    means = [floor_acc] + [s["execution_accuracy"]["mean"] for _, s in rows]
+    low = [0.0] + [
+        s["execution_accuracy"]["mean"] - s["execution_accuracy"]["min"] for _, s in rows
+    ]
+    high = [0.0] + [
+        s["execution_accuracy"]["max"] - s["execution_accuracy"]["mean"] for _, s in rows
+    ]
+    fig, ax = plt.subplots(figsize=(10, 4.2))
+    ax.bar(range(len(labels)), means, yerr=[low, high], capsize=3, color="#4c72b0")
+    ax.set_xticks(range(len(labels)), labels, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("WikiSQL dev execution accuracy")
+    ax.set_ylim(0, 1)
+    ax.set_title("SmolLM2-135M-Instruct on the WikiSQL sample: LoRA vs full fine-tuning")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    p.add_argument("--name", default="paper_claims")
+    p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    p.add_argument("--work_dir", type=Path, default=REPO / "runs" / "paper_claims")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--sweep_prompts", type=int, default=60)
+    p.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
+    a = p.parse_args()
+    a.work_dir.mkdir(parents=True, exist_ok=True)
+    a.results.mkdir(parents=True, exist_ok=True)
+    model = "tiny" if a.quick else ""
+    common = ["--ds_config", str(DS_CONFIG), "--epochs", str(a.epochs), "--max_length", "256"]
+    common += ["--eval_every", "1000000", "--eval_max_new_tokens", "48"]
+    common += ["--model", model] if model else []
+    if a.quick:
+        common += ["--max_steps", "2"]
+    sweep_n = 4 if a.quick else a.sweep_prompts
+    head_n = 4 if a.quick else None
+
+    def lora(r: int, targets: str, lr: float, seed: int, n: int | None, tag: str) -> dict:
+        extra = ["--lora_r", str(r), "--lora_alpha", str(2 * r), "--lora_targets", targets]
+        return train(a.work_dir, tag, common, [*extra, "--lr", str(lr), "--seed", str(seed)], n)
+
+    def full(lr: float, seed: int, n: int | None, tag: str) -> dict:
+        extra = ["--full_finetune", "--lr", str(lr), "--seed", str(seed)]
+        return train(a.work_dir, tag, common, extra, n)
+
+    result: dict[str, Any] = {"floor": floor(a.work_dir, model, head_n)}
+    lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
+    sweep = {
+        "lora": [lora(8, "attn", lr, 0, sweep_n, f"lr-lora-{lr:g}") for lr in lrs_l],
+        "full": [full(lr, 0, sweep_n, f"lr-full-{lr:g}") for lr in lrs_f],
+    }
+    best = {
+        k: max(v, key=lambda r: (r["execution_accuracy"], -r["dev_loss"])) for k, v in sweep.items()
+    }
+    lr_of = {k: float(best[k]["tag"].rsplit("-", 1)[1]) for k in best}
+    result["lr_sweep"] = {"runs": sweep, "chosen": lr_of}
+    seeds = SEEDS[:1] if a.quick else SEEDS
+    head_full = [full(lr_of["full"], s, head_n, f"head-full-s{s}") for s in seeds]
+    head_lora = [lora(8, "attn", lr_of["lora"], s, head_n, f"head-lora-s{s}") for s in seeds]
+    ranks = (
+        [] if a.quick else [lora(r, "attn", lr_of["lora"], 0, sweep_n, f"rank-{r}") for r in RANKS]
+    )
+    targets = (
+        []
+        if a.quick
+        else [
+            lora(r, spec, lr_of["lora"], 0, sweep_n, f"targets-{label}")
+            for label, spec, r in TARGETS
+        ]
+    )
+    headline = [("full fine-tuning", summarize(head_full)), ("LoRA q,v r=8", summarize(head_lora))]
+    sweeps = [(f"q,v r={r['tag'].split('-')[1]}", summarize([r])) for r in ranks]
+    sweeps += [
+        (f"{label} r={r}", summarize([run]))
+        for (label, _, r), run in zip(TARGETS, targets, strict=False)
+    ]
+    f, l_ = headline[0][1], headline[1][1]
+    result["headline"] = dict(headline)
+    result["rank_sweep"] = {label: s for label, s in sweeps if label.startswith("q,v r=")}
+    result["target_sweep"] = {label: s for label, s in sweeps if not label.startswith("q,v r=")}
+    result["ratios"] = {
+        "lora_over_full_execution_accuracy": l_["execution_accuracy"]["mean"]
+        / max(f["execution_accuracy"]["mean"], 1e-9),
+        "lora_over_full_logical_form_accuracy": l_["logical_form_accuracy"]["mean"]
+        / max(f["logical_form_accuracy"]["mean"], 1e-9),
+        "lora_over_full_peak_memory_per_rank": l_["peak_memory_gb_per_rank"]
+        / f["peak_memory_gb_per_rank"],
+        "lora_over_full_step_time": l_["step_time_s"] / f["step_time_s"],
+    }
+    result["settings"] = {"epochs": a.epochs, "sweep_prompts": sweep_n, "ds_config": str(DS_CONFIG)}
+    (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    plot(a.results / f"{a.name}.png", result["floor"]["execution_accuracy"], headline + sweeps)
+    print(f"untrained: execution accuracy {result['floor']['execution_accuracy']:.3f}")
+    print(table(headline + sweeps))
+    print(json.dumps(result["ratios"], indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
