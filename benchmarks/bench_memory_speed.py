@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from lora_dist.host_memory import ENV, MMAP_THRESHOLD
+from lora_dist.distributed.host_memory import ENV, MMAP_THRESHOLD
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "benchmarks" / "ds_bench_zero3_bf16.json"
@@ -67,9 +67,8 @@ def reset_rss_peak() -> None:
 def load_model(model_dir: Path, raw: dict, loader: str):
     import torch
 
-    from lora_dist.distributed.zero import load_streamed_zero3
-    from lora_dist.ds_config import model_dtype
-    from lora_dist.train import load_base_model
+    from lora_dist.distributed.ds_config import model_dtype
+    from lora_dist.distributed.loading import load_base_model, load_streamed_zero3
 
     if loader == "streamed":
         return load_streamed_zero3(model_dir, raw, model_dtype(raw))
@@ -81,14 +80,14 @@ def run_worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
+    from lora_dist.distributed.ds_config import batch_layout, load_ds_config, prepare_for_run
+    from lora_dist.distributed.host_memory import pin_mmap_threshold
     from lora_dist.distributed.launch import init_distributed
     from lora_dist.distributed.zero import (
         frozen_local_numel,
         lora_persistence_threshold,
         model_state_bytes,
     )
-    from lora_dist.ds_config import batch_layout, load_ds_config, prepare_for_run
-    from lora_dist.host_memory import pin_mmap_threshold
 
     pin_mmap_threshold(args.host_mmap_threshold)  # as the trainer does, for every configuration
     info = init_distributed()
@@ -165,7 +164,7 @@ def run_latency(args: argparse.Namespace) -> None:
     import torch
     from transformers import AutoModelForCausalLM
 
-    from lora_dist.host_memory import pin_mmap_threshold
+    from lora_dist.distributed.host_memory import pin_mmap_threshold
     from lora_dist.inject import inject_lora
     from lora_dist.lora import LoraConfig, merge_and_unload
 

@@ -15,11 +15,11 @@ from lora_dist.errors import UserError
 # name -> module. A module defines OPTIONS and run(opts) (lora_dist.commands), or, until it is
 # converted, configure_<name>(parser) and run_<name>(args). A dict value groups subcommands.
 COMMANDS: dict[str, str | dict[str, str]] = {
-    "train": "lora_dist.train",
-    "plan": "lora_dist.plan",
-    "merge": "lora_dist.export",
+    "train": "lora_dist.training.trainer",
+    "plan": "lora_dist.planning.memory",
+    "merge": "lora_dist.merge",
     "inspect": "lora_dist.inspection",
-    "eval": "lora_dist.evaluate",
+    "eval": "lora_dist.training.evaluation",
     "import-gguf": "lora_dist.commands.import_gguf",
 }
 # One-line help of modules that do not yet start with it (converted modules use their docstring).

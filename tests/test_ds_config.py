@@ -4,8 +4,13 @@ import json
 
 import pytest
 
-from lora_dist.ds_config import ConfigError, batch_layout, load_ds_config, prepare_for_run
-from lora_dist.schedule import DataOrder, lr_multiplier
+from lora_dist.distributed.ds_config import (
+    ConfigError,
+    batch_layout,
+    load_ds_config,
+    prepare_for_run,
+)
+from lora_dist.training.schedule import DataOrder, lr_multiplier
 
 
 def test_accumulation_is_derived_from_world_size():

@@ -21,11 +21,11 @@ from lora_dist.adapter import AdapterError, lora_state_dict, resolve_adapter_dir
 from lora_dist.cli import main as cli_main
 from lora_dist.data import encode_prompt
 from lora_dist.distributed.collective import all_done_fn, gather_objects_to_main
-from lora_dist.evaluate import distinct_prompts, evaluate_engine, evaluate_task
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
+from lora_dist.training.evaluation import distinct_prompts, evaluate_engine, evaluate_task
 from tests.tiny_models import randomize_lora_b
 
 REPO = Path(__file__).resolve().parent.parent
@@ -199,7 +199,7 @@ def _launch_two_ranks(entry: list[str], flags: list[str]) -> None:
     "entry,merged",
     [
         (["--no_local_rank", "--module", "lora_dist.cli", "eval"], False),
-        (["--module", "lora_dist.evaluate"], True),
+        (["--module", "lora_dist.training.evaluation"], True),
     ],
     ids=["cli-unmerged", "module-merged"],
 )

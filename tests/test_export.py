@@ -20,10 +20,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from lora_dist import cli
 from lora_dist.adapter import META_NAME, AdapterError, lora_state_dict, save_adapter
-from lora_dist.export import INDEX_NAME, SINGLE_NAME, MergeError, merge_checkpoint
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from lora_dist.manifest import write_manifest
+from lora_dist.merge import INDEX_NAME, SINGLE_NAME, MergeError, merge_checkpoint
 from lora_dist.models import resolve_model_dir
 from tests.tiny_models import randomize_lora_b, tiny_gpt2, tiny_llama, tokens
 
@@ -297,7 +297,7 @@ PEAK_RSS = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from lora_dist.export import merge_checkpoint
+    from lora_dist.merge import merge_checkpoint
 
     def kib(field):
         lines = Path("/proc/self/status").read_text().splitlines()

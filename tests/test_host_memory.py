@@ -15,7 +15,9 @@ from tests.runs import run_env
 PROBE = """
 import ctypes, json, sys
 import torch
-from lora_dist.host_memory import MMAP_THRESHOLD, pin_mmap_threshold, returning_freed_host_memory
+from lora_dist.distributed.host_memory import (
+    MMAP_THRESHOLD, pin_mmap_threshold, returning_freed_host_memory,
+)
 
 FIELDS = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
 
@@ -51,7 +53,7 @@ def _probe(threshold: int, *args: str, **env: str) -> dict:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc only")
 def test_fixed_threshold_keeps_large_buffers_off_the_heap() -> None:
-    from lora_dist.host_memory import MMAP_THRESHOLD
+    from lora_dist.distributed.host_memory import MMAP_THRESHOLD
 
     assert _probe(MMAP_THRESHOLD) == {"pinned": MMAP_THRESHOLD, "mmapped": True}
     assert _probe(MMAP_THRESHOLD, "load") == {"pinned": MMAP_THRESHOLD, "mmapped": True}

@@ -11,7 +11,7 @@ import transformers
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from lora_dist.cli import main
-from lora_dist.plan import (
+from lora_dist.planning.memory import (
     GIB,
     MemoryPlan,
     RunSettings,
@@ -21,7 +21,7 @@ from lora_dist.plan import (
     lora_param_count,
     plan_memory,
 )
-from lora_dist.plan_presets import PRESETS, load_shape, shape_from_hf_config
+from lora_dist.planning.shapes import PRESETS, load_shape, shape_from_hf_config
 
 GPT3 = load_shape("gpt3-175b")
 

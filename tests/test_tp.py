@@ -11,13 +11,13 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dist.data import collate, tokenize_split
+from lora_dist.distributed.ds_config import batch_layout, load_ds_config, tp_size
 from lora_dist.distributed.tp import (
     register_tp_linear_types,
     shard_base_for_tp,
     tp_lora_factory,
     zero_init_config,
 )
-from lora_dist.ds_config import batch_layout, load_ds_config, tp_size
 from lora_dist.inject import LINEAR_TYPES
 from lora_dist.lora import LoraConfig, LoraLinear
 from lora_dist.models import resolve_model_dir

@@ -69,8 +69,8 @@ def test_every_flag_is_documented_in_help(capsys, monkeypatch) -> None:
     from dataclasses import fields
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens)
-    from lora_dist.train import main
-    from lora_dist.train_config import TrainConfig
+    from lora_dist.training.config import TrainConfig
+    from lora_dist.training.trainer import main
 
     with pytest.raises(SystemExit) as stop:
         main(["--help"])

@@ -13,7 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lora_dist.distributed.zero import checkpoint_files, gather_lora_state
+from lora_dist.distributed.loading import checkpoint_files
+from lora_dist.distributed.zero import gather_lora_state
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from tests import runs

@@ -72,17 +72,16 @@ def main(model_dir: Path, out: Path, loader: str) -> None:
     import torch.distributed as dist
     from safetensors.torch import save_file
 
+    from lora_dist.distributed.ds_config import batch_layout, prepare_for_run
     from lora_dist.distributed.launch import init_distributed
+    from lora_dist.distributed.loading import load_base_model, load_streamed_zero3
     from lora_dist.distributed.zero import (
         gather_lora_state,
-        load_streamed_zero3,
         lora_persistence_threshold,
         model_state_bytes,
     )
-    from lora_dist.ds_config import batch_layout, prepare_for_run
     from lora_dist.inject import inject_lora
     from lora_dist.lora import LoraConfig, lora_layers
-    from lora_dist.train import load_base_model
 
     info = init_distributed()
     raw = ds_config()

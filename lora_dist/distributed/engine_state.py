@@ -163,3 +163,10 @@ def set_rng_state(torch_state: torch.Tensor, other: dict, cuda_state: torch.Tens
     np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
     if cuda_state is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(cuda_state)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's, NumPy's and torch's generators (identically on every rank)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

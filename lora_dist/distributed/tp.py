@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lora_dist.ds_config import tp_size
+from lora_dist.distributed.ds_config import tp_size
 from lora_dist.inject import LINEAR_TYPES, InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig, LoraLinear
 

@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Iterable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from lora_dist.adapter import PREFIX
-from lora_dist.host_memory import returning_freed_host_memory
 from lora_dist.lora import lora_layers
 
 
@@ -121,70 +118,6 @@ def model_state_bytes(engine) -> dict[str, int]:
     out = {"params": params, "master": _bytes(masters), "optimizer": optim, "gradients": grads}
     out["total"] = sum(out.values())
     return out
-
-
-def checkpoint_files(model_dir: Path) -> list[Path]:
-    """The safetensors files of a Hugging Face model directory, sharded or not, in shard order."""
-    model_dir = Path(model_dir)
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [model_dir / n for n in names]
-    single = model_dir / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise FileNotFoundError(f"{model_dir} has no model.safetensors[.index.json] to stream")
-
-
-def load_streamed_zero3(
-    model_dir: Path, ds_config: dict[str, Any], dtype: torch.dtype
-) -> nn.Module:
-    """A causal LM built under zero.Init, its weights streamed in one tensor at a time.
-
-    transformers' ZeRO-3 `from_pretrained` merges every shard into one state dict on rank 0
-    before copying, so rank 0 briefly holds the whole checkpoint. Here each tensor is read from
-    its shard with `safe_open` (a memory map) on rank 0 only, gathered, filled and re-partitioned
-    before the next one, so a rank's extra memory is about one tensor plus one mapped shard.
-    Every rank reads the shard headers to agree on the order of the collective gathers.
-    """
-    import deepspeed
-    import torch.distributed as dist
-    from safetensors import safe_open
-    from transformers import AutoConfig, AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-    from transformers.integrations import HfDeepSpeedConfig
-
-    files = checkpoint_files(model_dir)  # fail before building anything
-    config = AutoConfig.from_pretrained(str(model_dir))
-    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds a weakref)
-    with returning_freed_host_memory():
-        with no_init_weights():  # every weight is overwritten below; skip the random init
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-        params = dict(model.named_parameters())
-        buffers = dict(model.named_buffers())
-        rank = dist.get_rank() if dist.is_initialized() else 0
-        loaded: set[str] = set()
-        for path in files:
-            with safe_open(str(path), framework="pt") as f:
-                for key in f.keys():
-                    if key in buffers:  # buffers are never partitioned: every rank reads them
-                        buffers[key].data.copy_(f.get_tensor(key))
-                        continue
-                    if key not in params:
-                        raise ValueError(f"{path.name}: {key} matches no model parameter")
-                    param = params[key]
-                    with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
-                        if rank == 0:
-                            param.data.copy_(f.get_tensor(key))
-                    loaded.add(key)
-    missing = sorted(set(params) - loaded)
-    if missing:
-        raise ValueError(f"{model_dir}: no weights for {missing[:5]} ({len(missing)} in all)")
-    if (Path(model_dir) / "generation_config.json").is_file():  # stop tokens, as from_pretrained
-        from transformers import GenerationConfig
-
-        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
-    return model.eval()
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

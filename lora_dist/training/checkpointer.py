@@ -1,9 +1,9 @@
 """Checkpointing for the trainer: save and resume LoRA-only state, every rank together.
 
-`CheckpointMixin` is mixed into `lora_dist.train.Trainer` and uses its attributes: cfg, out,
-engine, optimizer, scheduler, layout, order, rank, world, is_main, step, total_steps, lora,
-injection, model_dir, monitor, resume_path. Saving is a collective (every rank gathers its part
-of the LoRA state, rank 0 writes); see lora_dist.checkpoint for the on-disk layout.
+`CheckpointMixin` is mixed into `lora_dist.training.trainer.Trainer` and uses its attributes:
+cfg, out, engine, optimizer, scheduler, layout, order, rank, world, is_main, step, total_steps,
+lora, injection, model_dir, monitor, resume_path. Saving is a collective (every rank gathers its
+part of the LoRA state, rank 0 writes); see lora_dist.training.checkpoint_files for the files.
 """
 
 from __future__ import annotations
@@ -15,14 +15,14 @@ from typing import Any
 
 import torch
 
-from lora_dist.ds_config import ConfigError
+from lora_dist.distributed.ds_config import ConfigError
 
 
 class CheckpointMixin:
     """save_checkpoint() and the resume steps of a Trainer."""
 
     def _expected_identity(self) -> dict[str, Any]:
-        from lora_dist.checkpoint import base_fingerprint
+        from lora_dist.training.checkpoint_files import base_fingerprint
 
         lora = {
             "r": self.lora.r,
@@ -34,8 +34,8 @@ class CheckpointMixin:
 
     def _find_resume(self) -> Path | None:
         """Rank 0 picks the checkpoint and every rank takes its word, so all load the same."""
-        from lora_dist.checkpoint import check_compatible, find_checkpoint
         from lora_dist.distributed.collective import broadcast_object
+        from lora_dist.training.checkpoint_files import check_compatible, find_checkpoint
 
         choice = None
         if self.is_main:
@@ -56,8 +56,8 @@ class CheckpointMixin:
         load_adapter_into(model, read_adapter_weights(self.resume_path / "adapter"))
 
     def _restore_engine_state(self) -> None:
-        from lora_dist.checkpoint import load_tensors
         from lora_dist.distributed.engine_state import restore_lora_optimizer_state, set_rng_state
+        from lora_dist.training.checkpoint_files import load_tensors
 
         path = self.resume_path
         state = json.loads((path / "trainer_state.json").read_text())
@@ -84,14 +84,13 @@ class CheckpointMixin:
             cuda = rng.get(f"rank{self.rank}.cuda")
             set_rng_state(rng[f"rank{self.rank}.torch"], state["rng"][self.rank], cuda)
         else:  # another world size: fresh but reproducible streams per rank
-            from lora_dist.loading import seed_everything
+            from lora_dist.distributed.engine_state import seed_everything
 
             seed_everything(self.cfg.seed + 1000 * self.step + self.rank)
 
     def save_checkpoint(self) -> Path | None:
         """Write checkpoints/step-<N>/ (collective: every rank gathers, rank 0 writes)."""
         from lora_dist.adapter import save_adapter
-        from lora_dist.checkpoint import save_tensors, write_checkpoint
         from lora_dist.distributed.collective import barrier, gather_objects_to_main
         from lora_dist.distributed.engine_state import (
             gather_lora_optimizer_state,
@@ -99,6 +98,7 @@ class CheckpointMixin:
             rng_state,
         )
         from lora_dist.distributed.zero import gather_lora_state
+        from lora_dist.training.checkpoint_files import save_tensors, write_checkpoint
 
         lora_state = gather_lora_state(self.engine.module)
         optim_state = gather_lora_optimizer_state(self.engine)

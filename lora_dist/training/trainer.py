@@ -20,18 +20,20 @@ from typing import Any
 import numpy as np
 import torch
 
-from lora_dist.distributed.checkpointing import CheckpointMixin
-from lora_dist.ds_config import (
+from lora_dist.distributed.ds_config import (
     BatchLayout,
     ConfigError,
     batch_layout,
     load_ds_config,
     prepare_for_run,
 )
-from lora_dist.host_memory import pin_mmap_threshold
-from lora_dist.loading import load_base_model, resolve_model_dir, seed_everything
+from lora_dist.distributed.engine_state import seed_everything
+from lora_dist.distributed.host_memory import pin_mmap_threshold
+from lora_dist.distributed.loading import load_base_model
+from lora_dist.loading import resolve_model_dir
 from lora_dist.lora import LoraConfig
-from lora_dist.train_config import TrainConfig, config_from_args, configure_train
+from lora_dist.training.checkpointer import CheckpointMixin
+from lora_dist.training.config import TrainConfig, config_from_args, configure_train
 
 EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue me
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # ranks must not fork tokenizer pools
@@ -56,9 +58,9 @@ class Trainer(CheckpointMixin):
         from lora_dist.distributed.preemption import PreemptionWatch
         from lora_dist.distributed.tp import inject_lora_tp, shard_base_for_tp, zero_init_config
         from lora_dist.distributed.zero import lora_persistence_threshold, zero_stage
-        from lora_dist.monitor import Monitor
-        from lora_dist.schedule import DataOrder, lr_multiplier
         from lora_dist.tasks import get_task
+        from lora_dist.training.monitor import Monitor
+        from lora_dist.training.schedule import DataOrder, lr_multiplier
 
         self.cfg = cfg
         self.out = Path(cfg.output_dir)
@@ -189,7 +191,7 @@ class Trainer(CheckpointMixin):
 
     def task_eval(self) -> dict[str, float] | None:
         """Greedy generation on the dev split, scored by the task (collective; rank 0 returns)."""
-        from lora_dist.evaluate import evaluate_engine
+        from lora_dist.training.evaluation import evaluate_engine
 
         self.engine.eval()
         metrics = evaluate_engine(
@@ -337,7 +339,7 @@ class Trainer(CheckpointMixin):
             local_param_numel,
             model_state_bytes,
         )
-        from lora_dist.monitor import memory_kind, peak_memory_bytes, write_json
+        from lora_dist.training.monitor import memory_kind, peak_memory_bytes, write_json
 
         local, total = local_param_numel(self.engine.module)
         w = self.world
@@ -411,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_train(parser)
     args = parser.parse_args(argv)
     from lora_dist.adapter import AdapterError
-    from lora_dist.checkpoint import CheckpointError
+    from lora_dist.training.checkpoint_files import CheckpointError
 
     try:
         return run_train(args)

@@ -29,7 +29,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from lora_dist.plan_presets import (
+from lora_dist.planning.shapes import (
     DTYPE_BYTES,
     PRESETS,
     TARGET_GROUPS,

@@ -11,7 +11,7 @@ arguments, which the `lora-dist` subcommand parser cannot take, hence `--no_loca
 
     lora-dist eval --adapter runs/x/adapter --limit 64
     deepspeed --num_gpus 2 --no_local_rank --module lora_dist.cli eval --ds_config Z3.json ...
-    deepspeed --num_gpus 2 --module lora_dist.evaluate --ds_config Z3.json ...
+    deepspeed --num_gpus 2 --module lora_dist.training.evaluation --ds_config Z3.json ...
     torchrun --nproc_per_node 2 -m lora_dist.cli eval --ds_config Z3.json ...
 """
 
@@ -243,7 +243,7 @@ def merge_sharded(model: torch.nn.Module) -> int:
 def _eval_ds_config(raw: dict[str, Any], world_size: int, threshold: int) -> dict[str, Any]:
     """The JSON for an inference-only engine: no optimizer (DeepSpeed then builds only the
     ZeRO-3 parameter hooks), no monitors, batch sizes consistent with this world size."""
-    from lora_dist.ds_config import batch_layout, prepare_for_run
+    from lora_dist.distributed.ds_config import batch_layout, prepare_for_run
 
     cfg = prepare_for_run(raw, batch_layout(raw, world_size), Path("."), threshold or None, None)
     cfg.pop("optimizer", None)
@@ -269,9 +269,9 @@ def load_for_eval(cfg: EvalConfig, world_size: int, local_rank: int) -> EvalMode
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from lora_dist.adapter import load_adapter
+    from lora_dist.distributed.ds_config import ConfigError, load_ds_config, tp_size
+    from lora_dist.distributed.loading import load_base_model
     from lora_dist.distributed.zero import lora_persistence_threshold, zero_stage
-    from lora_dist.ds_config import ConfigError, load_ds_config, tp_size
-    from lora_dist.loading import load_base_model
 
     adapter_dir = resolve_adapter_dir(cfg.adapter) if cfg.adapter else None
     model_dir = _base_dir(cfg, adapter_dir)
@@ -301,10 +301,10 @@ def load_for_eval(cfg: EvalConfig, world_size: int, local_rank: int) -> EvalMode
 
 def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     """Run `lora-dist eval`; returns the eval.json payload on rank 0, None elsewhere."""
+    from lora_dist.distributed.ds_config import ConfigError
     from lora_dist.distributed.launch import discover_ranks, init_distributed
-    from lora_dist.ds_config import ConfigError
-    from lora_dist.monitor import write_json
     from lora_dist.tasks import get_task
+    from lora_dist.training.monitor import write_json
 
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise ConfigError("--max_new_tokens, --batch_size and --limit must be at least 1")
@@ -366,7 +366,7 @@ def configure_eval(parser: argparse.ArgumentParser) -> None:
 
 def run_eval(args: argparse.Namespace) -> int:
     from lora_dist.adapter import AdapterError
-    from lora_dist.ds_config import ConfigError
+    from lora_dist.distributed.ds_config import ConfigError
 
     cfg = EvalConfig(**{f.name: getattr(args, f.name) for f in fields(EvalConfig)})
     try:
@@ -378,8 +378,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m lora_dist.evaluate`: the eval flags without a subcommand (takes --local_rank)."""
-    parser = argparse.ArgumentParser(prog="lora_dist.evaluate", description=__doc__)
+    """`python -m lora_dist.training.evaluation`: the eval flags without a subcommand."""
+    parser = argparse.ArgumentParser(prog="lora_dist.training.evaluation", description=__doc__)
     configure_eval(parser)
     return run_eval(parser.parse_args(argv))
 

@@ -10,7 +10,7 @@ import argparse
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from lora_dist.host_memory import MMAP_THRESHOLD
+from lora_dist.distributed.host_memory import MMAP_THRESHOLD
 
 
 def _opt(default: Any, help: str) -> Any:  # noqa: A002 - argparse's own word
