@@ -28,7 +28,7 @@ from lora_dist.tasks import get_task
 from lora_dist.training.evaluation import distinct_prompts, evaluate_engine, evaluate_task
 from tests.tiny_models import randomize_lora_b
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 WIKISQL = get_task("wikisql")
 
 

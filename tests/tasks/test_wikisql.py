@@ -21,7 +21,7 @@ from lora_dist.tasks.wikisql import (
     sql_of,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 TABLE = {
     "id": "1-0000001-1",
     "header": ["Player", "Team", "Goals", 'Nick "a.k.a."'],

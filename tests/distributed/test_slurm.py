@@ -23,7 +23,7 @@ from tests.conftest import (
 from tests.runs import free_port
 from tests.slurm_cluster import TERMINAL_STATES, SlurmCluster
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = sorted((REPO / "slurm").glob("*.sh"))
 EXIT_PREEMPTED = 75
 

@@ -1,4 +1,5 @@
-"""lora-dist merge and inspect: merged models serve in plain transformers; damage is refused."""
+"""lora-dist merge and inspect (lora_dist.merge, lora_dist.inspection): merged models serve in plain
+transformers; damage is refused."""
 
 from __future__ import annotations
 

@@ -12,7 +12,7 @@ import pytest
 from lora_dist.tasks import get_task, metrics
 from lora_dist.tasks.e2e import group_by_mr
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 TASK_FILES = {
     "e2e": ["trainset.csv", "devset.csv", "testset_w_refs.csv"],
     "samsum": ["train.json", "val.json", "test.json"],

@@ -10,7 +10,6 @@ from lora_dist.distributed.ds_config import (
     load_ds_config,
     prepare_for_run,
 )
-from lora_dist.training.schedule import DataOrder, lr_multiplier
 
 
 def test_accumulation_is_derived_from_world_size():
@@ -52,24 +51,3 @@ def test_persistence_threshold_covers_lora_factors(tmp_path):
     assert out["optimizer"]["params"]["lr"] == 1e-3
     assert out["tensorboard"]["output_path"] == str(tmp_path / "tensorboard")
     assert cfg["optimizer"]["params"]["lr"] != 1e-3  # the original is untouched
-
-
-def test_data_order_is_a_function_of_the_step():
-    order = DataOrder(num_samples=50, global_batch=8, seed=3)
-    assert order.steps_per_epoch == 6
-    epoch0 = [i for s in range(6) for i in order.global_indices(s)]
-    assert len(set(epoch0)) == 48  # no repeats within an epoch
-    assert order.global_indices(6) != order.global_indices(0)  # reshuffled next epoch
-    one = order.rank_micro_batches(4, dp_rank=0, dp=1, micro_batch=4)
-    two = [order.rank_micro_batches(4, r, 2, 4) for r in range(2)]
-    assert sum(one, []) == sum(two[0], []) + sum(two[1], [])
-
-
-def test_lr_schedule_shapes():
-    assert lr_multiplier(0, 100, 10, "linear") == pytest.approx(0.1)
-    assert lr_multiplier(10, 100, 10, "linear") == pytest.approx(1.0)
-    assert lr_multiplier(55, 100, 10, "linear") == pytest.approx(0.5)
-    assert lr_multiplier(55, 100, 10, "cosine") == pytest.approx(0.5)
-    assert lr_multiplier(100, 100, 10, "cosine") == pytest.approx(0.0)
-    with pytest.raises(ValueError):
-        lr_multiplier(50, 100, 0, "step")
