@@ -17,6 +17,7 @@ from lora_dist.generate import greedy_generate
 from lora_dist.models import DEFAULT_MODEL, resolve_model_dir
 from lora_dist.tasks.wikisql import TASK as WIKISQL
 from tests import runs
+from tests.runs import TrainedRun
 
 STEPS = 4
 PROMPTS = 4
@@ -73,9 +74,9 @@ def _prompts() -> list[str]:
 
 
 def test_training_moved_the_adapter_and_the_loss(trained) -> None:
-    metrics = runs.metrics(trained)
+    metrics = TrainedRun(trained).metrics
     assert metrics["dev_loss"] < metrics["dev_loss_initial"]
-    b = [v for k, v in runs.adapter(trained).items() if "lora_B" in k]
+    b = [v for k, v in TrainedRun(trained).adapter().items() if "lora_B" in k]
     assert b and all(t.abs().max() > 0 for t in b)  # every B left zero: trained
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.runs import (
     SMALL_FLAGS,
     SMALL_STEPS,
     TrainedRun,

@@ -11,16 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import (
+from tests.runs import (
     GPT3_SMALL_ENV,
     SMALL_FLAGS,
     SMALL_STEPS,
     TrainedRun,
     assert_same_adapter,
     assert_same_losses,
+    free_port,
     launch_env,
 )
-from tests.runs import free_port
 from tests.slurm_cluster import TERMINAL_STATES, SlurmCluster
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,6 +23,7 @@ from lora_dist.lora import LoraConfig, LoraLinear
 from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from tests import runs
+from tests.runs import TrainedRun
 
 CONFIGS = runs.REPO / "ds_configs"
 STEPS = 20
@@ -151,10 +152,10 @@ def tp2_run(tmp_path_factory):
 @pytest.mark.multirank
 def test_tp2_loss_curve_matches_tp1(tp1_run, tp2_run):
     tp2_out, _ = tp2_run
-    m1, m2 = runs.metrics(tp1_run), runs.metrics(tp2_out)
+    m1, m2 = TrainedRun(tp1_run).metrics, TrainedRun(tp2_out).metrics
     assert (m2["tp"], m2["dp"], m2["world_size"]) == (2, 1, 2)
     assert m1["global_batch"] == m2["global_batch"]
-    l1, l2 = runs.losses(tp1_run), runs.losses(tp2_out)
+    l1, l2 = TrainedRun(tp1_run).train_losses, TrainedRun(tp2_out).train_losses
     assert sorted(l1) == sorted(l2) == list(range(1, STEPS + 1))
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-4), step
@@ -164,7 +165,7 @@ def test_tp2_loss_curve_matches_tp1(tp1_run, tp2_run):
 
 @pytest.mark.multirank
 def test_tp2_adapter_equals_tp1_adapter(tp1_run, tp2_run):
-    a1, a2 = runs.adapter(tp1_run), runs.adapter(tp2_run[0])
+    a1, a2 = TrainedRun(tp1_run).adapter(), TrainedRun(tp2_run[0]).adapter()
     assert_adapters_agree(a2, a1)
     assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-3
     c1 = json.loads((tp1_run / "adapter" / "adapter_config.json").read_text())
@@ -181,7 +182,7 @@ def test_tp2_lora_factors_bit_identical_on_tp_ranks(tp2_run):
 
 @pytest.mark.multirank
 def test_tp2_each_rank_holds_half_the_base(tp1_run, tp2_run):
-    m1, m2 = runs.metrics(tp1_run), runs.metrics(tp2_run[0])
+    m1, m2 = TrainedRun(tp1_run).metrics, TrainedRun(tp2_run[0]).metrics
     frozen = m1["frozen_param_numel_per_rank"][0]  # one rank holds everything
     assert frozen == m1["total_params"] - m1["trainable_params"]
     for held in m2["frozen_param_numel_per_rank"]:
@@ -209,7 +210,7 @@ def test_tp2_adapter_loads_in_peft_on_the_unsharded_base(tp2_run):
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, tp2_run[0] / "adapter").eval()
     assert _dev_loss(model, tokenizer) == pytest.approx(
-        runs.metrics(tp2_run[0])["dev_loss"], rel=1e-4
+        TrainedRun(tp2_run[0]).metrics["dev_loss"], rel=1e-4
     )
 
 
@@ -219,12 +220,12 @@ def test_tp2_dp2_matches_tp1_dp2(tmp_path_factory):
     steps = STEPS
     tp1, _ = _train(tmp_path_factory, "tp1dp2", 2, "zero3.json", steps)
     tp2, _ = _train(tmp_path_factory, "tp2dp2", 4, "zero3_tp2.json", steps)
-    m1, m2 = runs.metrics(tp1), runs.metrics(tp2)
+    m1, m2 = TrainedRun(tp1).metrics, TrainedRun(tp2).metrics
     assert (m2["tp"], m2["dp"]) == (2, 2) and (m1["tp"], m1["dp"]) == (1, 2)
-    l1, l2 = runs.losses(tp1), runs.losses(tp2)
+    l1, l2 = TrainedRun(tp1).train_losses, TrainedRun(tp2).train_losses
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-4), step
-    assert_adapters_agree(runs.adapter(tp2), runs.adapter(tp1))
+    assert_adapters_agree(TrainedRun(tp2).adapter(), TrainedRun(tp1).adapter())
     frozen = m1["total_params"] - m1["trainable_params"]
     for held in m2["frozen_param_numel_per_rank"]:  # 1/(TP x DP) of the base each
         assert abs(held - frozen / 4) / frozen < 0.02, m2["frozen_param_numel_per_rank"]

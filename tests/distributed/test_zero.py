@@ -19,6 +19,7 @@ from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from tests import runs
 from tests import zero3_probe as probe
+from tests.runs import TrainedRun
 
 # 4 layers of width 1024 and a 4000-token vocabulary: ~235 MB in fp32, largest tensor ~11.5 MB.
 SHAPE = dict(vocab_size=4000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=4)
@@ -152,9 +153,10 @@ def test_activation_checkpointing_same_losses_under_zero3(tmp_path: Path) -> Non
     plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
     runs.train(2, *common, "--output_dir", str(plain))
     runs.train(2, *common, "--output_dir", str(ckpt), "--activation_checkpointing")
-    a, b = runs.losses(plain), runs.losses(ckpt)
+    a, b = TrainedRun(plain).train_losses, TrainedRun(ckpt).train_losses
     assert a.keys() == b.keys() == {1, 2, 3, 4}
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=1e-5)
     assert b[4] < b[1]  # the LoRA factors got gradients through the recomputed layers
-    assert runs.metrics(ckpt)["trainable_params"] < runs.metrics(ckpt)["total_params"] / 10
+    m = TrainedRun(ckpt).metrics
+    assert m["trainable_params"] < m["total_params"] / 10

@@ -13,6 +13,7 @@ from lora_dist.data import collate, tokenize_split
 from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from tests import runs
+from tests.runs import TrainedRun
 
 pytestmark = pytest.mark.multirank
 STEPS = 8
@@ -52,7 +53,7 @@ def reference_dev_loss(model, tokenizer, micro_batch: int = 4) -> float:
 
 
 def test_zero3_lora_run_trains_and_shards(lora_run):
-    m = runs.metrics(lora_run)
+    m = TrainedRun(lora_run).metrics
     assert m["steps"] == STEPS and m["world_size"] == 2 and m["zero_stage"] == 3
     frozen_total = m["total_params"] - m["trainable_params"]
     for held in m["frozen_param_numel_per_rank"]:  # each rank holds about half of the base
@@ -73,7 +74,7 @@ def test_adapter_loads_in_peft_and_reproduces_dev_loss(lora_run):
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     model = PeftModel.from_pretrained(base, lora_run / "adapter").eval()
     dev = reference_dev_loss(model, tokenizer)
-    assert dev == pytest.approx(runs.metrics(lora_run)["dev_loss"], rel=1e-4)
+    assert dev == pytest.approx(TrainedRun(lora_run).metrics["dev_loss"], rel=1e-4)
 
 
 def test_tensorboard_holds_the_scalars(lora_run):
@@ -84,7 +85,7 @@ def test_tensorboard_holds_the_scalars(lora_run):
     wanted |= {"memory/peak_bytes_rank0", "memory/peak_bytes_rank1"}
     assert wanted <= tags, wanted - tags
     assert len(acc.Scalars("train/loss")) == STEPS
-    losses = runs.losses(lora_run)
+    losses = TrainedRun(lora_run).train_losses
     assert [e.value for e in acc.Scalars("train/loss")] == pytest.approx(
         [losses[s] for s in range(1, STEPS + 1)]
     )
@@ -104,7 +105,7 @@ def test_full_finetune_trains_everything_and_holds_more(lora_run, tmp_path):
     runs.train(
         2, "--output_dir", str(tmp_path), "--max_steps", "3", "--full_finetune", "--skip_task_eval"
     )
-    full, lora = runs.metrics(tmp_path), runs.metrics(lora_run)
+    full, lora = TrainedRun(tmp_path).metrics, TrainedRun(lora_run).metrics
     assert full["trainable_params"] == full["total_params"]
     assert not (tmp_path / "adapter").exists()
     for f, lo in zip(
@@ -117,8 +118,8 @@ def test_full_finetune_trains_everything_and_holds_more(lora_run, tmp_path):
 def assert_resumed_exactly(out, reference_out, resumed: dict, reference: dict) -> None:
     """Bit-equal losses and adapter: same data, same RNG, same Adam state and bias correction."""
     assert {step: reference[step] for step in resumed} == resumed
-    for key, value in runs.adapter(reference_out).items():
-        assert torch.equal(runs.adapter(out)[key], value), key
+    for key, value in TrainedRun(reference_out).adapter().items():
+        assert torch.equal(TrainedRun(out).adapter()[key], value), key
 
 
 def test_resume_after_sigkill_is_exact(lora_run, tmp_path):
@@ -146,7 +147,7 @@ def test_resume_after_sigkill_is_exact(lora_run, tmp_path):
         "--resume",
         "auto",
     )
-    resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
+    resumed, reference = TrainedRun(tmp_path).train_losses, TrainedRun(lora_run).train_losses
     assert sorted(resumed) == [5, 6, 7, 8]
     assert_resumed_exactly(tmp_path, lora_run, resumed, reference)
 
@@ -157,7 +158,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
     import psutil
 
     proc = runs.start(2, "--output_dir", str(tmp_path), "--max_steps", str(STEPS))
-    runs.wait_for(lambda: runs.logged_steps(tmp_path) >= 2, what="two steps")
+    runs.wait_for(lambda: TrainedRun(tmp_path).last_logged_step >= 2, what="two steps")
     ranks = [
         p
         for p in psutil.Process(proc.pid).children(recursive=True)
@@ -168,7 +169,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
         rank.send_signal(signal.SIGTERM)
     output, _ = proc.communicate(timeout=300)
     assert proc.returncode == 75, output[-3000:]
-    stopped_at = runs.logged_steps(tmp_path)
+    stopped_at = TrainedRun(tmp_path).last_logged_step
     assert (tmp_path / "checkpoints" / f"step-{stopped_at}").is_dir()
     runs.train(
         2,
@@ -180,7 +181,7 @@ def test_sigterm_checkpoints_and_exits_75_then_resumes_exactly(lora_run, tmp_pat
         "auto",
         "--skip_task_eval",
     )
-    resumed, reference = runs.losses(tmp_path), runs.losses(lora_run)
+    resumed, reference = TrainedRun(tmp_path).train_losses, TrainedRun(lora_run).train_losses
     assert min(resumed) == stopped_at + 1 and max(resumed) == STEPS
     assert_resumed_exactly(tmp_path, lora_run, resumed, reference)
 
@@ -195,10 +196,11 @@ def test_two_rank_checkpoint_resumes_on_one_rank_past_a_corrupt_one(lora_run, tm
         1, "--output_dir", str(tmp_path), "--max_steps", str(STEPS), "--resume", "auto"
     )
     assert "skipping damaged checkpoint" in proc.stderr and "step-8" in proc.stderr
-    m = runs.metrics(tmp_path)
+    m = TrainedRun(tmp_path).metrics
     assert m["resumed_from"].endswith("step-4") and m["world_size"] == 1
-    reference = runs.losses(lora_run)
-    for step, loss in runs.losses(tmp_path).items():  # other reduction order: not bit-exact
+    reference = TrainedRun(lora_run).train_losses
+    resumed = TrainedRun(tmp_path).train_losses
+    for step, loss in resumed.items():  # other reduction order: not bit-exact
         assert loss == pytest.approx(reference[step], rel=1e-4), step
 
 
