@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lora_dist.atomic import write_atomic, write_json_atomic
+from lora_dist.errors import AdapterError
 from lora_dist.inject import InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig, lora_layers
 
@@ -25,6 +27,8 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 META_NAME = "lora_dist.json"  # our extras, kept out of adapter_config.json so PEFT stays quiet
 PREFIX = "base_model.model."
+FACTORS = ("lora_A", "lora_B")
+_PEFT_KEY = re.compile(re.escape(PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight")
 
 # Config fields that do not change what the weights compute.
 _VOLATILE_CONFIG_KEYS = {
@@ -40,24 +44,53 @@ _VOLATILE_CONFIG_KEYS = {
 }
 
 
-class AdapterError(ValueError):
-    """An adapter directory that cannot be loaded as asked, with the reason."""
+def peft_key(module_path: str, factor: str) -> str:
+    """PEFT's name for factor "lora_A" or "lora_B" of the LoRA layer wrapping `module_path`."""
+    return f"{PREFIX}{module_path}.{factor}.weight"
+
+
+def parse_peft_key(key: str) -> tuple[str, str] | None:
+    """(module path, factor) of a PEFT LoRA tensor name; None for any other name."""
+    m = _PEFT_KEY.fullmatch(key)
+    return (m.group(1), m.group(2)) if m else None
+
+
+def lora_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Every LoRA factor of `model` under its PEFT key (possibly ZeRO-3 partitioned)."""
+    return {
+        peft_key(path, factor): getattr(layer, factor)
+        for path, layer in lora_layers(model).items()
+        for factor in FACTORS
+    }
 
 
 def base_identity(base_config: Any) -> str:
-    """SHA-256 of the architecture-defining fields of a Hugging Face model config."""
+    """SHA-256 of the architecture-defining fields of a model config (a config object or dict).
+
+    The one identity of a base model: adapters record it, checkpoints record it (with
+    `base_weights_digest`), and both refuse a base whose identity differs.
+    """
     fields = base_config.to_dict() if hasattr(base_config, "to_dict") else dict(base_config)
     kept = {k: v for k, v in fields.items() if k not in _VOLATILE_CONFIG_KEYS}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def base_weights_digest(model_dir: Path) -> str:
+    """Hash of a model directory's weight-file names and sizes (and its shard index).
+
+    Cheap for a 350 GB checkpoint, and still changes when the weights are replaced.
+    """
+    digest = hashlib.sha256()
+    for path in sorted(Path(model_dir).glob("*.safetensors*")):
+        digest.update(f"{path.name}:{path.stat().st_size}\n".encode())
+        if path.name.endswith(".index.json"):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The LoRA factors of an unsharded model under PEFT's key names."""
-    state = {}
-    for path, layer in lora_layers(model).items():
-        state[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A.detach()
-        state[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B.detach()
-    return state
+    return {key: param.detach() for key, param in lora_parameters(model).items()}
 
 
 def peft_config_dict(
@@ -86,17 +119,6 @@ def peft_config_dict(
     }
 
 
-def _write_atomic(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    write(tmp)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # safetensors creates 0600 files; adapters are meant to ship
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save_adapter(
     out_dir: str | Path,
     state: dict[str, torch.Tensor],
@@ -121,9 +143,9 @@ def save_adapter(
             raise AdapterError(f"refusing to save an empty tensor for {key}: was it gathered?")
     peft_cfg = peft_config_dict(config, target_modules, base_name_or_path, fan_in_fan_out)
     meta = {"base_identity": base_identity(base_config), "format": 1}
-    _write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
-    for name, body in ((CONFIG_NAME, peft_cfg), (META_NAME, meta)):
-        _write_atomic(out / name, lambda p, b=body: p.write_text(json.dumps(b, indent=2) + "\n"))
+    write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
+    write_json_atomic(out / CONFIG_NAME, peft_cfg, sort_keys=False)
+    write_json_atomic(out / META_NAME, meta, sort_keys=False)
     return out
 
 
@@ -209,25 +231,21 @@ def load_adapter_into(
     strict: bool = True,
 ) -> None:
     """Copy PEFT-keyed factors into a model's existing LoRA layers, checking every shape."""
-    layers = lora_layers(model)
-    expected = set()
-    for path, layer in layers.items():
-        for name, param in (("lora_A", layer.lora_A), ("lora_B", layer.lora_B)):
-            key = f"{PREFIX}{path}.{name}.weight"
-            expected.add(key)
-            if key not in weights:
-                if strict:
-                    raise AdapterError(f"adapter has no tensor {key}")
-                continue
-            value = weights[key]
-            if tuple(value.shape) != tuple(param.shape):
-                raise AdapterError(
-                    f"{key} has shape {tuple(value.shape)} but this model needs "
-                    f"{tuple(param.shape)}: different rank or base model"
-                )
-            with torch.no_grad():
-                param.copy_(value.to(param.dtype))
-    unexpected = sorted(set(weights) - expected)
+    params = lora_parameters(model)
+    for key, param in params.items():
+        if key not in weights:
+            if strict:
+                raise AdapterError(f"adapter has no tensor {key}")
+            continue
+        value = weights[key]
+        if tuple(value.shape) != tuple(param.shape):
+            raise AdapterError(
+                f"{key} has shape {tuple(value.shape)} but this model needs "
+                f"{tuple(param.shape)}: different rank or base model"
+            )
+        with torch.no_grad():
+            param.copy_(value.to(param.dtype))
+    unexpected = sorted(set(weights) - set(params))
     if unexpected and strict:
         raise AdapterError(f"adapter tensors match no LoRA layer of this model: {unexpected[:5]}")
 

@@ -31,3 +31,7 @@ class DataError(UserError):
 
 class ModelError(UserError):
     """A model directory or file that is not what the command needs."""
+
+
+class MissingDataFile(DataError, FileNotFoundError):
+    """A data file that does not exist (also a FileNotFoundError)."""

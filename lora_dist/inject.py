@@ -1,4 +1,4 @@
-"""Putting LoRA into a model: target presets per architecture, injection, freezing, counts."""
+"""Putting LoRA into a model: resolving targets, injection, freezing, counts."""
 
 from __future__ import annotations
 
@@ -9,44 +9,21 @@ from dataclasses import dataclass
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_dist.errors import ConfigError
 from lora_dist.lora import LoraConfig, LoraLinear
+from lora_dist.targets import PRESET_NAMES as PRESET_NAMES  # re-exported
+from lora_dist.targets import PROJECTION_NAMES, TARGET_PRESETS, preset_modules
 
-# Module-name suffixes per architecture and role. Fused-QKV architectures (GPT-2, GPT-NeoX,
-# Falcon, BLOOM) have no separate q and v maps: "attn" adapts the fused map, as PEFT does.
-_LLAMA = {
-    "attn": ["q_proj", "v_proj"],
-    "attn-all": ["q_proj", "k_proj", "v_proj", "o_proj"],
-    "mlp": ["gate_proj", "up_proj", "down_proj"],
-}
-_FUSED = {
-    "attn": ["query_key_value"],
-    "attn-all": ["query_key_value", "dense"],
-    "mlp": ["dense_h_to_4h", "dense_4h_to_h"],
-}
+# The target presets live in lora_dist.targets (one table for the trainer and the planner); this
+# is the same table by model_type and role group, for code that wants module names directly.
 PRESETS: dict[str, dict[str, list[str]]] = {
-    "llama": _LLAMA,
-    "mistral": _LLAMA,
-    "qwen2": _LLAMA,
-    "gpt2": {
-        "attn": ["c_attn"],
-        "attn-all": ["c_attn", "attn.c_proj"],
-        "mlp": ["mlp.c_fc", "mlp.c_proj"],
-    },
-    "gpt_neox": _FUSED,
-    "falcon": _FUSED,
-    "bloom": _FUSED,
-    "opt": {
-        "attn": ["q_proj", "v_proj"],
-        "attn-all": ["q_proj", "k_proj", "v_proj", "out_proj"],
-        "mlp": ["fc1", "fc2"],
-    },
-    "gptj": {
-        "attn": ["q_proj", "v_proj"],
-        "attn-all": ["q_proj", "k_proj", "v_proj", "out_proj"],
-        "mlp": ["fc_in", "fc_out"],
-    },
+    model_type: {
+        "attn": preset_modules("attn", model_type),
+        "attn-all": preset_modules("attn-all", model_type),
+        "mlp": [names[r] for r in ("gate", "up", "down", "fc_in", "fc_out") if r in names],
+    }
+    for model_type, names in PROJECTION_NAMES.items()
 }
-PRESET_NAMES = ("attn", "attn-all", "all", "all-linear")
 
 # Modules that LoRA can wrap. The distributed package registers tensor-parallel linears here.
 LINEAR_TYPES: list[type[nn.Module]] = [nn.Linear, Conv1D]
@@ -88,20 +65,11 @@ def resolve_targets(targets: str | list[str], model_type: str | None) -> list[st
         return spec[3:]
     if spec == "all-linear":
         return spec
-    if spec in ("attn", "attn-all", "all"):
-        if model_type not in PRESETS:
-            raise ValueError(
-                f"no target preset for model_type {model_type!r} (presets exist for "
-                f"{sorted(PRESETS)}); pass module-name suffixes such as 'q_proj,v_proj', "
-                "a 're:<regex>', or 'all-linear'"
-            )
-        roles = PRESETS[model_type]
-        if spec == "all":
-            return roles["attn-all"] + roles["mlp"]
-        return list(roles[spec])
+    if spec in TARGET_PRESETS:
+        return preset_modules(spec, model_type)
     names = [t.strip() for t in spec.split(",") if t.strip()]
     if not names:
-        raise ValueError("lora targets are empty; use e.g. 'attn' or 'q_proj,v_proj'")
+        raise ConfigError("lora targets are empty; use e.g. 'attn' or 'q_proj,v_proj'")
     return names
 
 
@@ -125,7 +93,7 @@ def find_targets(model: nn.Module, targets: list[str] | str) -> list[str]:
     chosen = [n for n, m in linear.items() if _matches(n, targets, output_layer, m)]
     if not chosen:
         leaf_names = sorted({n.rsplit(".", 1)[-1] for n in linear})
-        raise ValueError(
+        raise ConfigError(
             f"lora targets {targets!r} match no linear module. Linear module names in this "
             f"model: {', '.join(leaf_names)}"
         )

@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from lora_dist.errors import ConfigError
+
 InitKind = Literal["kaiming", "gaussian"]
 
 
@@ -45,13 +47,13 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         if not isinstance(self.r, int) or self.r < 1:
-            raise ValueError(f"LoRA rank r must be a positive integer, got {self.r!r}")
+            raise ConfigError(f"LoRA rank r must be a positive integer, got {self.r!r}")
         if self.alpha <= 0:
-            raise ValueError(f"lora alpha must be positive, got {self.alpha!r}")
+            raise ConfigError(f"lora alpha must be positive, got {self.alpha!r}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
+            raise ConfigError(f"lora dropout must be in [0, 1), got {self.dropout!r}")
         if self.init not in ("kaiming", "gaussian"):
-            raise ValueError(f"lora init must be 'kaiming' or 'gaussian', got {self.init!r}")
+            raise ConfigError(f"lora init must be 'kaiming' or 'gaussian', got {self.init!r}")
 
     @property
     def scaling(self) -> float:

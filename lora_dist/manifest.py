@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from lora_dist.atomic import write_json_atomic
+
 MANIFEST_NAME = "manifest.json"
 
 
@@ -35,11 +37,7 @@ def write_manifest(directory: Path, extra: dict[str, Any] | None = None) -> dict
             os.fsync(f.fileno())
         files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     manifest = {"format": 1, "files": files, **(extra or {})}
-    tmp = directory / f".{MANIFEST_NAME}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MANIFEST_NAME)
+    write_json_atomic(directory / MANIFEST_NAME, manifest)
     return manifest
 
 

@@ -25,13 +25,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from lora_dist.adapter import (
-    PREFIX,
     check_base_identity,
     lora_config_from_peft,
+    parse_peft_key,
     read_adapter_config,
     read_adapter_weights,
     resolve_adapter_dir,
 )
+from lora_dist.errors import ConfigError, UserError
 from lora_dist.inspection import check_manifests
 from lora_dist.lora import merge_weight
 from lora_dist.manifest import MANIFEST_NAME
@@ -46,7 +47,7 @@ _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12}
 _UNITS.update({"KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40})
 
 
-class MergeError(ValueError):
+class MergeError(UserError):
     """A merge refused before (or instead of) writing, with what to change."""
 
 
@@ -65,10 +66,10 @@ def parse_size(text: str | int) -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not m or m.group(2) not in _UNITS:
-        raise ValueError(f"cannot read the size {text!r}; write e.g. 2GB, 500MB or 1GiB")
+        raise ConfigError(f"cannot read the size {text!r}; write e.g. 2GB, 500MB or 1GiB")
     size = int(float(m.group(1)) * _UNITS[m.group(2)])
     if size <= 0:
-        raise ValueError(f"a shard size must be positive, got {text!r}")
+        raise ConfigError(f"a shard size must be positive, got {text!r}")
     return size
 
 
@@ -116,9 +117,9 @@ def _factor_pairs(weights: dict[str, torch.Tensor]) -> dict[str, tuple[str, str]
     found: dict[str, dict[str, str]] = {}
     strange = []
     for key in weights:
-        m = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
-        if m:
-            found.setdefault(m.group(1), {})[m.group(2)] = key
+        parsed = parse_peft_key(key)
+        if parsed:
+            found.setdefault(parsed[0], {})[parsed[1]] = key
         else:
             strange.append(key)
     lone = sorted(p for p, f in found.items() if len(f) != 2)

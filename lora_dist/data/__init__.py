@@ -9,6 +9,7 @@ from typing import Any
 import datasets
 import torch
 
+from lora_dist.errors import ConfigError, ModelError
 from lora_dist.tasks.base import Task
 
 IGNORE_INDEX = -100
@@ -43,7 +44,7 @@ def tokenize_split(
 ) -> datasets.Dataset:
     """Load `split` of `task` and tokenize it into `input_ids` and `labels` columns."""
     if max_length < 2:
-        raise ValueError(f"max_length must be at least 2, got {max_length}")
+        raise ConfigError(f"max_length must be at least 2, got {max_length}")
     rows = task.load_split(Path(data_dir), split)
     prompts = [task.prompt(r) for r in rows]
     targets = [task.target(r) for r in rows]
@@ -51,7 +52,7 @@ def tokenize_split(
     target_ids = tokenizer(targets, add_special_tokens=False)["input_ids"] if targets else []
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     if tokenizer.eos_token_id is None:
-        raise ValueError("the tokenizer has no EOS token; generation could never stop")
+        raise ModelError("the tokenizer has no EOS token; generation could never stop")
     eos = [tokenizer.eos_token_id]
     columns: dict[str, list[list[int]]] = {"input_ids": [], "labels": []}
     n_truncated = 0

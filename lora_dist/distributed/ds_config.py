@@ -15,9 +15,7 @@ from typing import Any
 
 import torch
 
-
-class ConfigError(ValueError):
-    """A DeepSpeed config that cannot run as given, with what to change."""
+from lora_dist.errors import ConfigError
 
 
 def load_ds_config(path: str | Path) -> dict[str, Any]:

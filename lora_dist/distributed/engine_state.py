@@ -14,18 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from lora_dist.adapter import PREFIX
-from lora_dist.lora import lora_layers
+from lora_dist.adapter import lora_parameters
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
-
-
-def _lora_params(model: nn.Module) -> dict[str, nn.Parameter]:
-    params = {}
-    for path, layer in lora_layers(model).items():
-        params[f"{PREFIX}{path}.lora_A.weight"] = layer.lora_A
-        params[f"{PREFIX}{path}.lora_B.weight"] = layer.lora_B
-    return params
 
 
 def _plain_state(optimizer, param: nn.Parameter) -> dict[str, torch.Tensor]:
@@ -38,7 +29,7 @@ def gather_lora_optimizer_state(engine) -> dict[str, torch.Tensor]:
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
     out: dict[str, torch.Tensor] = {}
-    for key, param in _lora_params(engine.module).items():
+    for key, param in lora_parameters(engine.module).items():
         master = safe_get_full_fp32_param(param)
         if master is None:  # no ZeRO partitioning: the torch optimizer holds the state directly
             state = _plain_state(engine.optimizer, param)
@@ -91,7 +82,7 @@ def restore_lora_optimizer_state(
             state["exp_avg_sq"] = torch.zeros_like(p)
         step = state.get("step")
         state["step"] = step.new_full((), count) if torch.is_tensor(step) else int(count)
-    for key, param in _lora_params(engine.module).items():
+    for key, param in lora_parameters(engine.module).items():
         master = tensors[f"{key}.master"].to(param.device)
         if hasattr(param, "ds_id") or hasattr(param, "_hp_mapping"):
             safe_set_full_fp32_param(param, master)

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lora_dist.adapter import PREFIX
+from lora_dist.adapter import lora_parameters
 from lora_dist.lora import lora_layers
 
 
@@ -41,11 +41,9 @@ def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
     all-gather per factor.
     """
     state: dict[str, torch.Tensor] = {}
-    for path, layer in lora_layers(model).items():
-        for name in ("lora_A", "lora_B"):
-            param = getattr(layer, name)
-            with gathered([param]):
-                state[f"{PREFIX}{path}.{name}.weight"] = param.detach().float().cpu().clone()
+    for key, param in lora_parameters(model).items():
+        with gathered([param]):
+            state[key] = param.detach().float().cpu().clone()
     return state
 
 

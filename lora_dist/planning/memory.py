@@ -32,13 +32,13 @@ from typing import Any
 from lora_dist.planning.shapes import (
     DTYPE_BYTES,
     PRESETS,
-    TARGET_GROUPS,
     ModelShape,
     adapter_bytes,
     load_shape,
     lora_param_count,
     resolve_targets,
 )
+from lora_dist.targets import TARGET_PRESETS
 
 # What a rank holds before any model tensor: the CUDA context, NCCL and allocator slack on a GPU,
 # or the interpreter with torch/deepspeed/transformers imported (~0.37 GiB measured) plus
@@ -344,7 +344,7 @@ def configure_plan(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-master-weights", dest="master_weights", action="store_false", default=None)
     p.add_argument("-r", "--lora-r", type=int, help="LoRA rank (default 8; 4 with --paper)")
     targets = "attn (q,v), attn-all (q,k,v,o), all (+MLP), or some of " + ",".join(
-        TARGET_GROUPS["all"]
+        TARGET_PRESETS["all"]
     )
     p.add_argument("--targets", help=targets)
     p.add_argument("--micro-batch", type=int, help="sequences per GPU (ds_config's, else 1)")

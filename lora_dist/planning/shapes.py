@@ -8,15 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_dist.errors import ConfigError, ModelError
+from lora_dist.targets import TARGET_PRESETS, preset_roles
+
 # Megatron tensor parallelism splits these by output columns (their biases split with them); the
 # remaining projections (o, down, fc_out) split by input rows and keep a replicated bias.
 COLUMN_PARALLEL = frozenset({"q", "k", "v", "qkv", "gate", "up", "fc_in"})
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
-TARGET_GROUPS = {
-    "attn": ("q", "v"),
-    "attn-all": ("q", "k", "v", "o"),
-    "all": ("q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out"),
-}
 
 
 @dataclass(frozen=True)
@@ -82,7 +80,7 @@ def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
         if cfg.get(key) is not None:
             return cfg[key]
     if default is None:
-        raise ValueError(f"config.json has none of the fields {', '.join(keys)}")
+        raise ModelError(f"config.json has none of the fields {', '.join(keys)}")
     return default
 
 
@@ -255,7 +253,7 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "model") -> ModelShape
     """Read a Hugging Face config dict. Fused-QKV families get one "qkv" projection."""
     family = cfg.get("model_type")
     if family not in FAMILIES:
-        raise ValueError(
+        raise ModelError(
             f"{name}: model_type {family!r} is not supported; supported: "
             f"{', '.join(sorted(FAMILIES))}"
         )
@@ -267,7 +265,7 @@ def shape_from_hf_config(cfg: dict[str, Any], name: str = "model") -> ModelShape
             name=name, layers=layers, hidden=hidden, vocab=cfg["vocab_size"], **fields
         )
     except KeyError as missing:
-        raise ValueError(f"{name}: config.json for {family} lacks the field {missing}") from None
+        raise ModelError(f"{name}: config.json for {family} lacks the field {missing}") from None
 
 
 def _preset(family: str, **cfg: Any) -> dict[str, Any]:
@@ -333,7 +331,7 @@ def load_shape(model: str) -> ModelShape:
     if path.is_dir():
         path = path / "config.json"
     if not path.is_file():
-        raise ValueError(
+        raise ModelError(
             f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no "
             f"config.json at {path}"
         )
@@ -341,20 +339,20 @@ def load_shape(model: str) -> ModelShape:
 
 
 def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[str, ...]:
-    """Projection keys of `shape` that a target spec adapts (q,k,v map to a fused "qkv")."""
-    group = TARGET_GROUPS.get(targets) if isinstance(targets, str) else None
-    names = group or (
-        [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
-    )
+    """Projection keys of `shape` that a target spec adapts (q,k,v map to a fused "qkv").
+
+    A preset (lora_dist.targets, the trainer's table) or a comma list of projection roles.
+    """
+    if isinstance(targets, str) and targets in TARGET_PRESETS:
+        return preset_roles(targets, shape.projections)
+    names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
     keys: list[str] = []
     for name in names:
         key = "qkv" if shape.fused_qkv and name in ("q", "k", "v") else name
         if key not in shape.projections:
-            if group:  # "all" lists both MLP namings; keep the ones this model has
-                continue
-            raise ValueError(
+            raise ConfigError(
                 f"target {name!r} is not a projection of {shape.name}; use "
-                f"{', '.join(TARGET_GROUPS)} or a comma list of "
+                f"{', '.join(TARGET_PRESETS)} or a comma list of "
                 f"{', '.join(shape.projections)}"
             )
         if key not in keys:

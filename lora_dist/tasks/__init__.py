@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 
+from lora_dist.errors import ConfigError
 from lora_dist.tasks.base import Task
 
 # name -> module defining TASK: Task
@@ -18,5 +19,5 @@ TASK_MODULES = {
 def get_task(name: str) -> Task:
     """Return the task registered as `name`, with a clear error for unknown names."""
     if name not in TASK_MODULES:
-        raise ValueError(f"unknown task {name!r}; choose one of {sorted(TASK_MODULES)}")
+        raise ConfigError(f"unknown task {name!r}; choose one of {sorted(TASK_MODULES)}")
     return importlib.import_module(TASK_MODULES[name]).TASK

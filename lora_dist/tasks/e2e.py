@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 
+from lora_dist.errors import ConfigError, DataError, MissingDataFile
 from lora_dist.tasks import metrics
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "e2e"
@@ -32,10 +33,10 @@ FEATURES = datasets.Features(
 def split_path(data_dir: Path, split: str) -> Path:
     """The release file holding `split`, which must exist."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"E2E has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
+        raise ConfigError(f"E2E has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
     path = Path(data_dir) / SPLIT_FILES[split]
     if not path.is_file():
-        raise ValueError(f"E2E {split} file not found: {path}")
+        raise MissingDataFile(f"E2E {split} file not found: {path}")
     return path
 
 
@@ -46,7 +47,7 @@ def read_release_csv(path: Path) -> list[dict[str, str]]:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or not {"mr", "ref"} <= set(header):
-            raise ValueError(f"{path}:1: header must name columns 'mr' and 'ref', got {header}")
+            raise DataError(f"{path}:1: header must name columns 'mr' and 'ref', got {header}")
         mr_col, ref_col = header.index("mr"), header.index("ref")
         for record in reader:
             if not record:
@@ -54,11 +55,11 @@ def read_release_csv(path: Path) -> list[dict[str, str]]:
             # line_num is the last physical line of the record, exact even for quoted newlines.
             where = f"{path}:{reader.line_num}"
             if len(record) != len(header):
-                raise ValueError(f"{where}: expected {len(header)} fields, found {len(record)}")
+                raise DataError(f"{where}: expected {len(header)} fields, found {len(record)}")
             mr, ref = record[mr_col].strip(), record[ref_col].strip()
             for name, value in (("mr", mr), ("ref", ref)):
                 if not value:
-                    raise ValueError(f"{where}: field {name!r} is empty")
+                    raise DataError(f"{where}: field {name!r} is empty")
             rows.append({"mr": mr, "ref": ref})
     return rows
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import datasets
 
+from lora_dist.errors import ConfigError, DataError, MissingDataFile
 from lora_dist.tasks import metrics
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "mnli"
@@ -32,10 +33,10 @@ REQUIRED = ("index", "promptID", "pairID", "genre", "sentence1", "sentence2", "g
 def split_path(data_dir: Path, split: str) -> Path:
     """The release file holding `split`, which must exist."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"MNLI has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
+        raise ConfigError(f"MNLI has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
     path = Path(data_dir) / SPLIT_FILES[split]
     if not path.is_file():
-        raise ValueError(f"MNLI {split} file not found: {path}")
+        raise MissingDataFile(f"MNLI {split} file not found: {path}")
     return path
 
 
@@ -47,22 +48,20 @@ def read_release_tsv(path: Path) -> list[dict[str, str]]:
         header = next(reader, None)
         missing = [c for c in REQUIRED if header is None or c not in header]
         if header is None or missing:
-            raise ValueError(f"{path}:1: header lacks columns {missing}")
+            raise DataError(f"{path}:1: header lacks columns {missing}")
         cols = {c: header.index(c) for c in REQUIRED}
         for record in reader:
             if not record:
                 continue
             where = f"{path}:{reader.line_num}"
             if len(record) != len(header):
-                raise ValueError(f"{where}: expected {len(header)} fields, found {len(record)}")
+                raise DataError(f"{where}: expected {len(header)} fields, found {len(record)}")
             row = {c: record[i] for c, i in cols.items()}
             for c in REQUIRED:
                 if not row[c].strip():
-                    raise ValueError(f"{where}: field {c!r} is empty")
+                    raise DataError(f"{where}: field {c!r} is empty")
             if row["gold_label"] not in LABELS:
-                raise ValueError(
-                    f"{where}: gold_label {row['gold_label']!r} is not one of {LABELS}"
-                )
+                raise DataError(f"{where}: gold_label {row['gold_label']!r} is not one of {LABELS}")
             rows.append(row)
     return rows
 

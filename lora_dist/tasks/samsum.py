@@ -14,6 +14,7 @@ from typing import Any
 
 import datasets
 
+from lora_dist.errors import ConfigError, DataError, MissingDataFile
 from lora_dist.tasks import metrics
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "samsum"
@@ -25,10 +26,10 @@ FEATURES = datasets.Features({name: datasets.Value("string") for name in FIELDS}
 def split_path(data_dir: Path, split: str) -> Path:
     """The release file holding `split`, which must exist."""
     if split not in SPLIT_FILES:
-        raise ValueError(f"SAMSum has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
+        raise ConfigError(f"SAMSum has no split {split!r}; choose one of {sorted(SPLIT_FILES)}")
     path = Path(data_dir) / SPLIT_FILES[split]
     if not path.is_file():
-        raise ValueError(f"SAMSum {split} file not found: {path}")
+        raise MissingDataFile(f"SAMSum {split} file not found: {path}")
     return path
 
 
@@ -37,21 +38,21 @@ def read_release_json(path: Path) -> list[dict[str, str]]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
+        raise DataError(f"{path}:{e.lineno}: invalid JSON ({e.msg})") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
+        raise DataError(f"{path}: expected a JSON list of objects, got {type(data).__name__}")
     rows = []
     for i, item in enumerate(data):
         where = f"{path}: row {i}" + (f" (id {item.get('id')!r})" if isinstance(item, dict) else "")
         if not isinstance(item, dict):
-            raise ValueError(f"{where}: expected an object")
+            raise DataError(f"{where}: expected an object")
         for name in FIELDS:
             # Some exports store the id as a number; text fields must be strings.
             ok = isinstance(item.get(name), str) or (
                 name == "id" and isinstance(item.get(name), int)
             )
             if not ok:
-                raise ValueError(f"{where}: missing or non-text field {name!r}")
+                raise DataError(f"{where}: missing or non-text field {name!r}")
         rows.append({name: str(item[name]) for name in FIELDS})
     return rows
 

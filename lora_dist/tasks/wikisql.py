@@ -12,6 +12,8 @@ from typing import Any
 
 import datasets
 
+from lora_dist.errors import DataError, MissingDataFile
+
 AGG_OPS = ("", "MAX", "MIN", "COUNT", "SUM", "AVG")
 COND_OPS = ("=", ">", "<", "OP")
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "assets" / "wikisql"
@@ -49,7 +51,7 @@ def _is_value(v: Any) -> bool:
 def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (1-based line number, object) for each non-blank line."""
     if not path.is_file():
-        raise FileNotFoundError(f"WikiSQL file not found: {path}")
+        raise MissingDataFile(f"WikiSQL file not found: {path}")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -57,9 +59,9 @@ def _read_jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
+                raise DataError(f"{path}:{lineno}: invalid JSON ({e.msg})") from None
             if not isinstance(obj, dict):
-                raise ValueError(f"{path}:{lineno}: expected a JSON object")
+                raise DataError(f"{path}:{lineno}: expected a JSON object")
             yield lineno, obj
 
 
@@ -92,7 +94,7 @@ def load_tables(path: Path) -> dict[str, dict[str, Any]]:
         if problem is None and t["id"] in tables:
             problem = f"duplicate table id {t['id']!r}"
         if problem:
-            raise ValueError(f"{path}:{lineno}: {problem}")
+            raise DataError(f"{path}:{lineno}: {problem}")
         tables[t["id"]] = t
     return tables
 
@@ -147,7 +149,7 @@ def load_split(data_dir: Path, split: str) -> datasets.Dataset:
     for lineno, q in _read_jsonl(path):
         problem = _question_problem(q, tables)
         if problem:
-            raise ValueError(f"{path}:{lineno}: {problem}")
+            raise DataError(f"{path}:{lineno}: {problem}")
         table = tables[q["table_id"]]
         sql = q["sql"]
         conds = [{"column": c, "op": o, **_encode_value(v)} for c, o, v in sql["conds"]]
@@ -364,7 +366,7 @@ def _tables_for(data_dir: Path, wanted: set[str]) -> dict[str, dict[str, Any]]:
         found.update({k: v for k, v in load_tables(path).items() if k in wanted})
     missing = wanted - found.keys()
     if missing:
-        raise ValueError(f"no table in {data_dir}/*.tables.jsonl for ids {sorted(missing)[:5]}")
+        raise DataError(f"no table in {data_dir}/*.tables.jsonl for ids {sorted(missing)[:5]}")
     return found
 
 

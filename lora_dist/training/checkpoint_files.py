@@ -14,7 +14,6 @@ is written into a temporary directory, fsynced, checksummed, then renamed into p
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -27,6 +26,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from lora_dist.adapter import base_identity, base_weights_digest
+from lora_dist.atomic import fsync_dir, write_text_atomic
+from lora_dist.errors import CheckpointError
 from lora_dist.manifest import read_manifest, verify_manifest, write_manifest
 
 CHECKPOINTS = "checkpoints"
@@ -34,37 +36,14 @@ LATEST = "latest"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be resumed from, with the reason."""
-
-
 def base_fingerprint(model_dir: Path) -> dict[str, str]:
-    """Identity of a base model: hashes of its config and of its weight-file index.
-
-    The index hash covers file names and sizes (and the tensor-to-file map when sharded), so
-    it is cheap for a 350 GB checkpoint and still changes when the weights are replaced.
-    """
-    model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    for volatile in ("_name_or_path", "transformers_version", "torch_dtype", "dtype"):
-        config.pop(volatile, None)
-    weights = hashlib.sha256()
-    for path in sorted(model_dir.glob("*.safetensors*")):
-        weights.update(f"{path.name}:{path.stat().st_size}\n".encode())
-        if path.name.endswith(".index.json"):
-            weights.update(path.read_bytes())
+    """What a checkpoint records of its base: the base identity of config.json and the weights'
+    file index (see lora_dist.adapter), so a resume on other weights is refused."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
     return {
-        "config_sha256": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest(),
-        "weights_index_sha256": weights.hexdigest(),
+        "config_sha256": base_identity(config),
+        "weights_index_sha256": base_weights_digest(model_dir),
     }
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def step_dirs(output_dir: Path) -> list[tuple[int, Path]]:
@@ -97,17 +76,12 @@ def write_checkpoint(
     tmp.mkdir()
     write_contents(tmp)
     write_manifest(tmp, {"step": step, **manifest_extra})
-    _fsync_dir(tmp)
+    fsync_dir(tmp)
     if final.exists():  # a re-run of the same step after a resume: replace it whole
         shutil.rmtree(final)
     os.rename(tmp, final)
-    _fsync_dir(root)
-    pointer = root / f".{LATEST}.tmp"
-    pointer.write_text(final.name + "\n")
-    with open(pointer, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(pointer, root / LATEST)
-    _fsync_dir(root)
+    fsync_dir(root)
+    write_text_atomic(root / LATEST, final.name + "\n", sync_dir=True)
     for _, old in step_dirs(output_dir)[max(keep_last, 1) :]:
         shutil.rmtree(old, ignore_errors=True)
     return final

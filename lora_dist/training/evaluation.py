@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from lora_dist.adapter import resolve_adapter_dir
+from lora_dist.atomic import write_json_atomic, write_jsonl_atomic
 from lora_dist.data import encode_prompt
 from lora_dist.generate import greedy_generate, num_batches_for, shard_indices
 from lora_dist.tasks.base import Task
@@ -167,15 +168,6 @@ def evaluate_task(
     return metrics, records
 
 
-def write_predictions(path: Path, records: list[dict[str, Any]]) -> None:
-    """One JSON object per line, written to a temp file and renamed into place."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
-
-
 def evaluate_engine(
     module: Any,
     tokenizer: Any,
@@ -205,7 +197,7 @@ def evaluate_engine(
         return None
     if predictions_path is not None:
         Path(predictions_path).parent.mkdir(parents=True, exist_ok=True)
-        write_predictions(Path(predictions_path), records)
+        write_jsonl_atomic(Path(predictions_path), records)
     return metrics
 
 
@@ -304,7 +296,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
     from lora_dist.distributed.ds_config import ConfigError
     from lora_dist.distributed.launch import discover_ranks, init_distributed
     from lora_dist.tasks import get_task
-    from lora_dist.training.monitor import write_json
 
     if cfg.max_new_tokens < 1 or cfg.batch_size < 1 or (cfg.limit is not None and cfg.limit < 1):
         raise ConfigError("--max_new_tokens, --batch_size and --limit must be at least 1")
@@ -345,8 +336,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any] | None:
         "world_size": info.world_size,
         "ds_config": cfg.ds_config,
     }
-    write_json(out / "eval.json", payload)
-    write_predictions(out / "predictions.jsonl", records)
+    write_json_atomic(out / "eval.json", payload)
+    write_jsonl_atomic(out / "predictions.jsonl", records)
     print(f"{task.name}/{cfg.split}: {json.dumps(metrics)} -> {out}", file=sys.stderr)
     return payload
 

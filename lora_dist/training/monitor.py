@@ -1,8 +1,7 @@
-"""What a run reports: TensorBoard scalars, a rank-0 progress bar, peak memory, metrics.json."""
+"""What a run reports: TensorBoard scalars, a rank-0 progress bar, peak memory."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
@@ -75,10 +74,3 @@ class Monitor:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
-
-
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically: a reader sees the old file or the new one, never half of one."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 
+from lora_dist.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class DataOrder:
@@ -22,7 +24,7 @@ class DataOrder:
 
     def __post_init__(self) -> None:
         if self.num_samples < self.global_batch:
-            raise ValueError(
+            raise ConfigError(
                 f"the training split has {self.num_samples} examples, fewer than one global "
                 f"batch of {self.global_batch}; lower train_batch_size or add data"
             )
@@ -63,4 +65,4 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> 
         return 1.0 - progress
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
-    raise ValueError(f"unknown lr schedule {kind!r}; use linear, cosine or constant")
+    raise ConfigError(f"unknown lr schedule {kind!r}; use linear, cosine or constant")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from lora_dist.atomic import write_json_atomic
 from lora_dist.distributed.ds_config import (
     BatchLayout,
     ConfigError,
@@ -339,7 +340,7 @@ class Trainer(CheckpointMixin):
             local_param_numel,
             model_state_bytes,
         )
-        from lora_dist.training.monitor import memory_kind, peak_memory_bytes, write_json
+        from lora_dist.training.monitor import memory_kind, peak_memory_bytes
 
         local, total = local_param_numel(self.engine.module)
         w = self.world
@@ -385,7 +386,7 @@ class Trainer(CheckpointMixin):
         hparams = {k: v for k, v in asdict(self.cfg).items() if v is not None}
         self.monitor.hparams(hparams, {"hparam/dev_loss": dev})
         if self.is_main:
-            write_json(self.out / "metrics.json", metrics)
+            write_json_atomic(self.out / "metrics.json", metrics)
         self.monitor.log(
             f"done: {self.step} steps, dev loss {first_dev:.4f} -> {dev:.4f}, "
             f"{tps:,.0f} tokens/s, outputs in {self.out}"
