@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -147,6 +148,34 @@ def save_adapter(
     write_json_atomic(out / CONFIG_NAME, peft_cfg, sort_keys=False)
     write_json_atomic(out / META_NAME, meta, sort_keys=False)
     return out
+
+
+@dataclass(frozen=True)
+class AdapterSpec:
+    """What an adapter's files record besides its tensors: settings, targets and base model."""
+
+    config: LoraConfig
+    target_modules: list[str] | str
+    """As PEFT's adapter_config.json states them (InjectionReport.target_modules)."""
+    base_config: Any
+    """The base model's config, whose identity the adapter records."""
+    base_name_or_path: str
+    fan_in_fan_out: bool = False
+
+    def save(
+        self, out_dir: str | Path, state: dict[str, torch.Tensor], dtype: torch.dtype | None = None
+    ) -> Path:
+        """Write `state` (PEFT keys, whole tensors) as an adapter directory; see save_adapter."""
+        return save_adapter(
+            out_dir,
+            state,
+            self.config,
+            self.target_modules,
+            self.base_config,
+            self.base_name_or_path,
+            self.fan_in_fan_out,
+            dtype,
+        )
 
 
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:

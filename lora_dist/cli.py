@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import importlib
+import importlib.util
 import os
 import sys
 import traceback
@@ -12,34 +14,24 @@ from types import ModuleType
 from lora_dist.commands.options import OneLineParser, add_flags, from_args
 from lora_dist.errors import UserError
 
-# name -> module. A module defines OPTIONS and run(opts) (lora_dist.commands), or, until it is
-# converted, configure_<name>(parser) and run_<name>(args). A dict value groups subcommands.
+# name -> module defining OPTIONS and run(opts) (see lora_dist.commands). A dict value groups
+# subcommands under one name.
 COMMANDS: dict[str, str | dict[str, str]] = {
-    "train": "lora_dist.training.trainer",
-    "plan": "lora_dist.planning.memory",
-    "merge": "lora_dist.merge",
-    "inspect": "lora_dist.inspection",
-    "eval": "lora_dist.training.evaluation",
+    "train": "lora_dist.commands.train",
+    "plan": "lora_dist.commands.plan",
+    "merge": "lora_dist.commands.merge",
+    "inspect": "lora_dist.commands.inspect",
+    "eval": "lora_dist.commands.eval",
     "import-gguf": "lora_dist.commands.import_gguf",
 }
-# One-line help of modules that do not yet start with it (converted modules use their docstring).
-_LEGACY_HELP = {
-    "train": "fine-tune a causal LM with LoRA under DeepSpeed",
-    "plan": "predict per-GPU memory for a run before you queue it",
-    "merge": "fold an adapter into a base model directory, shard by shard",
-    "inspect": "print an adapter's config and size, and verify checksums",
-    "eval": "generate on a dev split and score it with the task metric",
-}
+DEBUG_ENV = "LORA_DIST_DEBUG"
 
 
-def _help(module_name: str, name: str) -> str:
-    if name in _LEGACY_HELP:
-        return _LEGACY_HELP[name]
+def _help(module_name: str) -> str:
+    """The first line of a command module's docstring, read without importing the module."""
     spec = importlib.util.find_spec(module_name)
     if spec is None or spec.origin is None:
         return ""
-    import ast
-
     with open(spec.origin, encoding="utf-8") as f:
         doc = ast.get_docstring(ast.parse(f.read())) or ""
     return doc.split("\n", 1)[0].rstrip(".")
@@ -61,14 +53,10 @@ def _add_commands(
             found = _add_commands(inner, target, picked, f"{prefix}{name} ")
             chosen = chosen or found
             continue
-        p = sub.add_parser(name, help=_help(target, name), description=_help(target, name))
+        p = sub.add_parser(name, help=_help(target), description=_help(target))
         if argv and argv[0] == name:
             module = importlib.import_module(target)
-            if hasattr(module, "OPTIONS"):
-                add_flags(p, module.OPTIONS)
-                p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-            else:
-                getattr(module, f"configure_{name}")(p)
+            add_flags(p, module.OPTIONS)
             chosen = (module, f"{prefix}{name}")
     return chosen
 
@@ -80,22 +68,37 @@ def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, tuple[Module
 
 
 def run_module(module: ModuleType, name: str, args: argparse.Namespace) -> int:
-    """Build the command's options from `args` and run it; a UserError is one line, exit 2."""
+    """Build the command's options from `args` and run it; a UserError is one line, exit 2.
+
+    With LORA_DIST_DEBUG=1 the traceback comes first, for a developer.
+    """
     try:
-        if hasattr(module, "OPTIONS"):
-            return int(module.run(from_args(module.OPTIONS, args)) or 0)
-        return int(getattr(module, f"run_{name.split()[-1]}")(args) or 0)
+        return int(module.run(from_args(module.OPTIONS, args)) or 0)
     except UserError as exc:
-        if os.environ.get("LORA_DIST_DEBUG") == "1":
+        if os.environ.get(DEBUG_ENV) == "1":
             traceback.print_exc()
         print(f"lora-dist {name}: error: {exc}", file=sys.stderr)
         return 2
 
 
+def _without_local_rank(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg in ("--local_rank", "--local-rank"):
+            skip = True  # its value is the next argument
+        elif not arg.startswith(("--local_rank=", "--local-rank=")):
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
+    """`lora-dist COMMAND [flags]`; also what launcher/train.py and `python -m` entries call."""
     argv = sys.argv[1:] if argv is None else argv
-    # The deepspeed launcher puts --local_rank=N before the subcommand; ranks come from the env.
-    argv = [a for a in argv if not a.startswith("--local_rank")]
+    # Launchers add --local_rank=N (the deepspeed launcher before the subcommand); ranks come
+    # from the environment (lora_dist.distributed.launch), so it is dropped wherever it is.
+    argv = _without_local_rank(argv)
     parser, chosen = build_parser(argv)
     args = parser.parse_args(argv)
     if chosen is None:

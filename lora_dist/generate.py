@@ -130,6 +130,7 @@ def greedy_generate(
     batch_size: int,
     all_done: Callable[[bool], bool] | None = None,
     num_batches: int | None = None,
+    on_batch: Callable[[int, int], None] | None = None,
 ) -> list[str]:
     """Argmax-decode a continuation of each prompt with any Hugging Face causal LM.
 
@@ -141,6 +142,7 @@ def greedy_generate(
 
     `all_done(local_done) -> bool` makes the stop decision collective (see the module docstring);
     `num_batches`, when given, pads the work with discarded dummy batches up to that count.
+    `on_batch(done, total)` is told after every batch, for a progress display.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -160,8 +162,9 @@ def greedy_generate(
     was_training = model.training
     model.eval()
     texts: list[str] = []
+    total = num_batches if num_batches is not None else n_real
     try:
-        for b in range(num_batches if num_batches is not None else n_real):
+        for b in range(total):
             chunk = encoded[b * batch_size : (b + 1) * batch_size]
             live = [True] * len(chunk)
             if not chunk:
@@ -172,6 +175,8 @@ def greedy_generate(
                 for t, alive in zip(ids, live, strict=True)
                 if alive
             )
+            if on_batch is not None:
+                on_batch(b + 1, total)
     finally:
         model.train(was_training)
     return texts

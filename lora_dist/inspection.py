@@ -1,13 +1,11 @@
-"""`lora-dist inspect`: an adapter's settings, size and checksum verdict, without loading a model.
+"""An adapter's settings, size and checksum verdict, without loading a model (`lora-dist inspect`).
 
 Also the manifest check that `lora-dist merge` runs before it touches a base.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,19 +99,3 @@ def format_inspection(info: dict[str, Any]) -> str:
     else:
         lines.append("no manifest: checksums not verified")
     return "\n".join(lines)
-
-
-def configure_inspect(p: argparse.ArgumentParser) -> None:
-    p.add_argument("dir", type=Path, help="adapter directory or training checkpoint directory")
-    p.add_argument("--json", action="store_true", help="print one JSON object")
-
-
-def run_inspect(args: argparse.Namespace) -> int:
-    """Entry point of `lora-dist inspect`; 1 when a checksum fails, 2 when it is no adapter."""
-    try:
-        info = inspect_adapter(args.dir)
-    except (ValueError, OSError) as err:
-        print(f"lora-dist inspect: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(info, indent=2) if args.json else format_inspection(info))
-    return 1 if info["problems"] else 0

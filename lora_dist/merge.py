@@ -1,4 +1,4 @@
-"""Shipping an adapter: `lora-dist merge` folds it into a base model, shard by shard.
+"""Shipping an adapter: fold it into a base model directory, shard by shard (`lora-dist merge`).
 
 The merged directory is the base architecture with W = W0 + s·B·A written in place of each
 adapted weight, so it serves with plain transformers (or vLLM, TGI) at zero added latency.
@@ -8,12 +8,10 @@ unpickled: bases must be safetensors.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -184,9 +182,9 @@ def plan_merge(
 def _check_destination(out_dir: Path, inputs: list[Path], overwrite: bool) -> None:
     for src in inputs:
         if out_dir.resolve() == src.resolve():
-            raise MergeError(f"--out {out_dir} is an input directory; choose another")
+            raise MergeError(f"--output_dir {out_dir} is an input directory; choose another")
     if out_dir.exists() and not out_dir.is_dir():
-        raise MergeError(f"--out {out_dir} exists and is not a directory")
+        raise MergeError(f"--output_dir {out_dir} exists and is not a directory")
     if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
         raise MergeError(f"{out_dir} is not empty; pass --overwrite to replace it")
 
@@ -354,26 +352,3 @@ def merge_checkpoint(
         "copied_files": side_files,
         "scaling": scaling,
     }
-
-
-def configure_merge(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--base", type=Path, required=True, help="base model directory (safetensors)")
-    p.add_argument("--adapter", type=Path, required=True, help="adapter or checkpoint directory")
-    p.add_argument("--out", type=Path, required=True, help="merged model directory to write")
-    p.add_argument("--dtype", choices=sorted(DTYPES), help="cast weights; default keeps the base's")
-    p.add_argument(
-        "--max_shard_size", default=DEFAULT_MAX_SHARD, help="largest output shard, e.g. 2GB"
-    )
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-
-
-def run_merge(args: argparse.Namespace) -> int:
-    """Entry point of `lora-dist merge`; 2 when the merge is refused, with the reason."""
-    try:
-        merge_checkpoint(
-            args.base, args.adapter, args.out, args.dtype, args.max_shard_size, args.overwrite
-        )
-    except (ValueError, OSError) as err:  # AdapterError and MergeError are ValueErrors
-        print(f"lora-dist merge: error: {err}", file=sys.stderr)
-        return 2
-    return 0

@@ -8,13 +8,16 @@ from the command line or from Python, before anything loads.
 
     @dataclass
     class MergeOptions(Options):
-        base: str = option(positional=False)
+        model: str = option(aliases=("--base",))
         '''base model directory (safetensors)'''
         dtype: Literal["bf16", "fp16", "fp32"] | None = None
         '''cast the merged weights; default: keep the base's dtype'''
 
 Flags are spelled with underscores (`--output_dir`), as DeepSpeed and transformers spell
-theirs. The dash spelling (`--output-dir`) and any `aliases` are accepted but not shown.
+theirs; a flag that means the same in two commands is spelled the same in both. The dash
+spelling (`--output-dir`) and any `aliases` (old spellings) are accepted but not shown. A bool
+field that defaults to False is a switch (`--merged`); one that defaults to True or None also
+gets its opposite (`--checkpointing` / `--no_checkpointing`).
 """
 
 from __future__ import annotations
@@ -42,9 +45,17 @@ def option(
     positional: bool = False,
     aliases: tuple[str, ...] = (),
     metavar: str | None = None,
+    minimum: float | None = None,
+    above: float | None = None,
+    below: float | None = None,
 ) -> Any:
-    """A dataclass field with command-line extras; a field without a default is required."""
+    """A dataclass field with command-line extras; a field without a default is required.
+
+    `minimum` (inclusive), `above` and `below` (exclusive) bound a number; they are checked
+    when the settings are built, like the type and the choices.
+    """
     meta = {"positional": positional, "aliases": tuple(aliases), "metavar": metavar}
+    meta |= {"minimum": minimum, "above": above, "below": below}
     if isinstance(default, list):
         return dataclasses.field(default_factory=lambda: list(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -136,10 +147,46 @@ class Options:
                 if choices is not None and v not in choices:
                     shown = ", ".join(str(c) for c in choices)
                     raise ConfigError(f"--{f.name} {v!r} is not one of: {shown}")
+                _check_bounds(f, v)
         self.validate()
 
     def validate(self) -> None:
         """Checks across fields; raise ConfigError with what to change."""
+
+
+def _check_bounds(f: dataclasses.Field, value: Any) -> None:
+    meta = f.metadata
+    low, above, below = meta.get("minimum"), meta.get("above"), meta.get("below")
+    if low is not None and value < low:
+        raise ConfigError(f"--{f.name} must be at least {low:g}, got {value!r}")
+    if above is not None and not value > above:
+        raise ConfigError(f"--{f.name} must be greater than {above:g}, got {value!r}")
+    if below is not None and not value < below:
+        raise ConfigError(f"--{f.name} must be less than {below:g}, got {value!r}")
+
+
+def existing_file(flag: str, path: str | Path | None) -> None:
+    """Refuse a path that is not an existing file (None passes)."""
+    if path is not None and not Path(path).is_file():
+        what = "is a directory" if Path(path).is_dir() else "does not exist"
+        raise ConfigError(f"{flag} {path} {what}; pass an existing file")
+
+
+def existing_dir(flag: str, path: str | Path | None) -> None:
+    """Refuse a path that is not an existing directory (None passes)."""
+    if path is not None and not Path(path).is_dir():
+        what = "is a file" if Path(path).exists() else "does not exist"
+        raise ConfigError(f"{flag} {path} {what}; pass an existing directory")
+
+
+def output_dir(flag: str, path: str | Path) -> None:
+    """Refuse an output directory that is, or lies under, something other than a directory."""
+    for candidate in (Path(path), *Path(path).parents):
+        if candidate.exists():
+            if candidate.is_dir():
+                return
+            where = "is a file" if candidate == Path(path) else f"lies under the file {candidate}"
+            raise ConfigError(f"{flag} {path} {where}; choose a directory path")
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -168,15 +215,19 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Options]) -> None:
             )
         )
         help_text = docs[f.name]
-        if not required and default not in (None, False, []):
+        if required and not meta.get("positional"):
+            help_text += " (required)"  # checked when the settings are built: aliases count
+        elif default not in (None, False, []):
             help_text += f" [default: {default}]"
         kwargs: dict[str, Any] = {"help": help_text}
         if meta.get("metavar"):
             kwargs["metavar"] = meta["metavar"]
         if choices is not None:
             kwargs["choices"] = choices
+        two_way = kind is bool and not is_list and default is not False
         if kind is bool and not is_list:
-            kwargs["action"] = argparse.BooleanOptionalAction if default else "store_true"
+            kwargs["action"] = "store_const"
+            kwargs["const"] = True
         else:
             kwargs["type"] = _parse_bool if kind is bool else kind
             if is_list:
@@ -190,17 +241,31 @@ def add_flags(parser: argparse.ArgumentParser, cls: type[Options]) -> None:
             parser.add_argument(f.name, **kwargs)
             continue
         flag = f"--{f.name}"
-        parser.add_argument(
-            flag, dest=f.name, required=required, default=None if is_list else default, **kwargs
-        )
-        hidden = [*meta.get("aliases", ())]
-        if "_" in f.name:
-            hidden.append("--" + f.name.replace("_", "-"))
+        parser.add_argument(flag, dest=f.name, default=None if is_list else default, **kwargs)
+        spellings = [flag, *meta.get("aliases", ())]
+        hidden = [s for s in _dashed(spellings) if s != flag]
         if hidden:
             alias_kwargs = {**kwargs, "help": argparse.SUPPRESS, "default": argparse.SUPPRESS}
-            if kwargs.get("action") is argparse.BooleanOptionalAction:
-                alias_kwargs["action"] = "store_true"
             parser.add_argument(*hidden, dest=f.name, **alias_kwargs)
+        if two_way:
+            off = {"dest": f.name, "action": "store_const", "const": False}
+            shown = f"--no_{f.name}"
+            parser.add_argument(shown, help=f"the opposite of {flag}", **off)
+            negatives = _dashed([f"--no_{s[2:]}" for s in spellings if s.startswith("--")])
+            negatives = [s for s in negatives if s != shown]
+            parser.add_argument(
+                *negatives, help=argparse.SUPPRESS, default=argparse.SUPPRESS, **off
+            )
+
+
+def _dashed(spellings: list[str]) -> list[str]:
+    """Each spelling and, for long flags, its dash form (`--output-dir`), without repeats."""
+    out: list[str] = []
+    for spelling in spellings:
+        out.append(spelling)
+        if spelling.startswith("--"):
+            out.append("--" + spelling[2:].replace("_", "-"))
+    return list(dict.fromkeys(out))
 
 
 def from_args(cls: type[Options], args: argparse.Namespace) -> Any:

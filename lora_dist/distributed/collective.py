@@ -1,7 +1,7 @@
-"""Small collectives for evaluation: a unanimous "all done" vote and gathering results to rank 0.
+"""Small collectives: a unanimous "all done" vote, gathering to rank 0, broadcasts and sums.
 
-Both work over the default process group on whatever backend DeepSpeed chose (gloo on CPU,
-NCCL on GPU), and both degrade to local no-ops in a single process.
+All of them work over the default process group on whatever backend DeepSpeed chose (gloo on CPU,
+NCCL on GPU), and degrade to local no-ops in a single process.
 """
 
 from __future__ import annotations
@@ -68,3 +68,17 @@ def barrier() -> None:
     """Wait for every rank; a no-op in a single process."""
     if is_distributed():
         dist.barrier()
+
+
+def is_main_process() -> bool:
+    """True on rank 0, and in a single process."""
+    return not is_distributed() or dist.get_rank() == 0
+
+
+def all_reduce_sum(values: list[float], device: torch.device | str) -> list[float]:
+    """The element-wise sum of `values` over every rank, in float64; the values themselves in
+    a single process."""
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if is_distributed():
+        dist.all_reduce(t)
+    return t.tolist()

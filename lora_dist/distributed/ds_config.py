@@ -140,3 +140,15 @@ def prepare_for_run(
         cfg["optimizer"]["params"]["lr"] = lr
     cfg.pop("scheduler", None)  # the trainer owns the LR schedule (warmup + decay)
     return cfg
+
+
+def inference_config(cfg: dict[str, Any], world_size: int, lora_threshold: int) -> dict[str, Any]:
+    """The JSON for an inference-only engine: no optimizer (DeepSpeed then builds only the
+    ZeRO-3 parameter hooks), no monitors, batch sizes consistent with this world size."""
+    out = prepare_for_run(
+        cfg, batch_layout(cfg, world_size), Path("."), lora_threshold or None, None
+    )
+    out.pop("optimizer", None)
+    for monitor in ("tensorboard", "csv_monitor", "wandb", "comms_logger", "flops_profiler"):
+        out.pop(monitor, None)
+    return out

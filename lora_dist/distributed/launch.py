@@ -24,6 +24,7 @@ import os
 import re
 import shutil
 import subprocess
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -290,6 +291,19 @@ def discover_ranks(
         # Derived from the job id so two jobs sharing a node do not collide on one port.
         port = DEFAULT_PORT if job_id is None else 10000 + job_id % 20000
     return RankInfo(rank, world, local, local_world, node, addr, port, launcher)
+
+
+def prepare_rank_process() -> None:
+    """Process-wide settings every rank of a job wants; entry points call it, imports never do.
+
+    Tokenizers must not fork thread pools in ranks that may fork again, and DeepSpeed calls
+    torch's deprecated collective names on every step: one FutureWarning per call would flood
+    every rank's log.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings(
+        "ignore", category=FutureWarning, module="torch.distributed.c10d_logger"
+    )
 
 
 def init_distributed(backend: str | None = None) -> RankInfo:

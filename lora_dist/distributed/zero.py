@@ -120,3 +120,16 @@ def model_state_bytes(engine) -> dict[str, int]:
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def merge_sharded(model: nn.Module) -> int:
+    """Merge every LoRA layer, gathering each ZeRO-3 base weight whole while it is written.
+
+    Every rank merges the same whole tensors; rank 0's result is what gets re-partitioned.
+    Returns the number of merged layers.
+    """
+    layers = lora_layers(model)
+    for layer in layers.values():
+        with gathered([layer.base_layer.weight, layer.lora_A, layer.lora_B], modifier_rank=0):
+            layer.merge()
+    return len(layers)

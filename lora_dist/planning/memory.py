@@ -21,24 +21,20 @@ Accounting, per rank (DP = world / TP):
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from lora_dist.errors import ConfigError
 from lora_dist.planning.shapes import (
     DTYPE_BYTES,
-    PRESETS,
     ModelShape,
     adapter_bytes,
-    load_shape,
     lora_param_count,
     resolve_targets,
 )
-from lora_dist.targets import TARGET_PRESETS
 
 # What a rank holds before any model tensor: the CUDA context, NCCL and allocator slack on a GPU,
 # or the interpreter with torch/deepspeed/transformers imported (~0.37 GiB measured) plus
@@ -113,12 +109,14 @@ class RunSettings:
         return self.nodes * self.gpus_per_node
 
     def check(self, shape: ModelShape) -> None:
-        """Raise ValueError saying which flag to change."""
+        """Raise ConfigError saying which flag to change."""
         if min(self.nodes, self.gpus_per_node, self.tp, self.lora_r, self.micro_batch) < 1:
-            raise ValueError("--nodes, --gpus-per-node, --tp, -r and --micro-batch must be >= 1")
+            raise ConfigError(
+                "--nodes, --gpus_per_node, --tp, --lora_r and --micro_batch must be >= 1"
+            )
         if self.world % self.tp:
             ok = [t for t in range(1, self.world + 1) if self.world % t == 0]
-            raise ValueError(
+            raise ConfigError(
                 f"world size {self.world} ({self.nodes} nodes x {self.gpus_per_node}"
                 f" GPUs) is not divisible by --tp {self.tp}; use --tp in {ok}"
             )
@@ -126,25 +124,25 @@ class RunSettings:
         for what, n in (widths | {"MLP width": shape.intermediate}).items():
             if n % self.tp:
                 ok = [t for t in range(1, n + 1) if n % t == 0 and self.world % t == 0]
-                raise ValueError(
+                raise ConfigError(
                     f"--tp {self.tp} does not divide the {n} {what} of {shape.name}; "
                     f"use --tp in {ok}"
                 )
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ValueError(f"--zero must be 0, 1, 2 or 3, not {self.zero_stage}")
+            raise ConfigError(f"--zero must be 0, 1, 2 or 3, not {self.zero_stage}")
         if self.offload not in OFFLOADS:
-            raise ValueError(f"--offload must be one of {OFFLOADS}, not {self.offload!r}")
+            raise ConfigError(f"--offload must be one of {OFFLOADS}, not {self.offload!r}")
         if self.offload == "param+optimizer" and self.zero_stage != 3:
-            raise ValueError("--offload param+optimizer needs --zero 3")
+            raise ConfigError("--offload param+optimizer needs --zero 3")
         if self.offload == "optimizer" and self.zero_stage == 0:
-            raise ValueError("--offload optimizer needs --zero 1, 2 or 3")
+            raise ConfigError("--offload optimizer needs --zero 1, 2 or 3")
         for name in (self.base_dtype, self.lora_dtype or "fp32", self.optim_dtype):
             if name not in DTYPE_BYTES:
-                raise ValueError(f"unknown dtype {name!r}; use one of {list(DTYPE_BYTES)}")
+                raise ConfigError(f"unknown dtype {name!r}; use one of {list(DTYPE_BYTES)}")
         if self.device not in FRAMEWORK_OVERHEAD_GIB:
-            raise ValueError(f"--device must be one of {list(FRAMEWORK_OVERHEAD_GIB)}")
+            raise ConfigError(f"--device must be one of {list(FRAMEWORK_OVERHEAD_GIB)}")
         if self.gpu_gib <= 0 or (self.seq_len is not None and self.seq_len < 1):
-            raise ValueError("--gpu-gib and --seq-len must be positive")
+            raise ConfigError("--gpu_gib and --max_length must be positive")
         resolve_targets(shape, self.targets)
 
 
@@ -222,7 +220,7 @@ class MemoryPlan:
 
 
 def plan_memory(shape: ModelShape, run: RunSettings) -> MemoryPlan:
-    """Itemise per-rank memory for full fine-tuning and for LoRA. Raises ValueError on bad input."""
+    """Itemise per-rank memory for full fine-tuning and for LoRA; ConfigError on bad input."""
     run.check(shape)
     t, dp, stage, buf = run.tp, run.world // run.tp, run.zero_stage, run.buffers
     wb, ob = DTYPE_BYTES[run.base_dtype], DTYPE_BYTES[run.optim_dtype]
@@ -307,11 +305,16 @@ def _paper_note(plan: MemoryPlan) -> str:
     )
 
 
-def _ds_overrides(path: str | None) -> tuple[dict[str, Any], ZeroBuffers]:
+def ds_overrides(path: str | None) -> tuple[dict[str, Any], ZeroBuffers]:
     """Run fields a DeepSpeed JSON pins down (flags still win), and its ZeRO bucket sizes."""
     if path is None:
         return {}, ZeroBuffers()
-    ds = json.loads(Path(path).read_text())
+    try:
+        ds = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"DeepSpeed config {path} is not valid JSON: {exc.msg} at line {exc.lineno}"
+        ) from None
     zero, out = ds.get("zero_optimization", {}), {}
     if isinstance(zero.get("stage"), int):
         out["zero_stage"] = zero["stage"]
@@ -326,92 +329,3 @@ def _ds_overrides(path: str | None) -> tuple[dict[str, Any], ZeroBuffers]:
     if isinstance(ds.get("train_micro_batch_size_per_gpu"), int):
         out["micro_batch"] = ds["train_micro_batch_size_per_gpu"]
     return out, ZeroBuffers.from_ds_config(zero)
-
-
-def configure_plan(p: argparse.ArgumentParser) -> None:
-    """Flags of `lora-dist plan`."""
-    p.description = "Predict per-GPU memory of full fine-tuning vs LoRA before queueing a run."
-    DTYPES = list(DTYPE_BYTES)
-    p.add_argument("--model", help=f"a preset ({', '.join(PRESETS)}), a config.json or a model dir")
-    p.add_argument("--nodes", type=int, default=1)
-    p.add_argument("--gpus-per-node", type=int, default=8)
-    p.add_argument("--tp", type=int, default=1, help="tensor-parallel degree")
-    p.add_argument("--zero", dest="zero_stage", type=int, help="ZeRO stage (ds_config's, else 3)")
-    p.add_argument("--offload", choices=OFFLOADS, help="default: the ds_config's, else none")
-    p.add_argument("--dtype", dest="base_dtype", choices=DTYPES, help="ds_config's, else bf16")
-    p.add_argument("--lora-dtype", choices=DTYPES, help="default: the base dtype")
-    p.add_argument("--optim-dtype", choices=DTYPES, help="Adam m, v (default fp32)")
-    p.add_argument("--no-master-weights", dest="master_weights", action="store_false", default=None)
-    p.add_argument("-r", "--lora-r", type=int, help="LoRA rank (default 8; 4 with --paper)")
-    targets = "attn (q,v), attn-all (q,k,v,o), all (+MLP), or some of " + ",".join(
-        TARGET_PRESETS["all"]
-    )
-    p.add_argument("--targets", help=targets)
-    p.add_argument("--micro-batch", type=int, help="sequences per GPU (ds_config's, else 1)")
-    p.add_argument("--seq-len", type=int, help="default: the model's context length")
-    p.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--flash-attention", action="store_true", help="no s*s scores are stored")
-    p.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU to check fit")
-    p.add_argument("--device", choices=list(FRAMEWORK_OVERHEAD_GIB), default="gpu")
-    p.add_argument("--overhead-gib", type=float, help="framework overhead per rank")
-    p.add_argument("--ds_config", "--ds-config", dest="ds_config", help="DeepSpeed JSON")
-    p.add_argument("--paper", action="store_true", help="Hu et al.'s 1.2 TB vs 350 GB accounting")
-    p.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def settings_from_args(args: argparse.Namespace) -> tuple[ModelShape, RunSettings]:
-    """Flags override --paper, which overrides the ds_config, which overrides the defaults."""
-    settings, buffers = _ds_overrides(args.ds_config)
-    if args.paper:
-        settings |= PAPER_SETTINGS
-    names = {f.name for f in fields(RunSettings)}
-    settings |= {k: v for k, v in vars(args).items() if k in names and v is not None}
-    if args.model is None and not args.paper:
-        raise ValueError(f"--model is required: a preset ({', '.join(PRESETS)}) or a config.json")
-    return load_shape(args.model or "gpt3-175b"), RunSettings(buffers=buffers, **settings)
-
-
-def format_plan(plan: MemoryPlan) -> str:
-    """The human-readable table: items by mode, per GPU and over the cluster, in GiB."""
-    s, r, w = plan.shape, plan.run, plan.run.world
-    cols = (plan.full, plan.lora)
-    out = [
-        f"{s.name}: {s.param_count:,} params, {s.layers} layers, hidden {s.hidden}, "
-        f"{s.heads} heads ({s.kv_heads} kv), vocab {s.vocab}",
-        f"{w} ranks = {r.nodes} nodes x {r.gpus_per_node}; {r.base_dtype} base; seq "
-        f"{r.seq_len or s.seq_len} x micro-batch {r.micro_batch}; checkpointing "
-        f"{'on' if r.checkpointing else 'off'}; {r.device} overhead "
-        f"{plan.full.items['framework overhead'] / GIB:.2f} GiB",
-        "",
-        f"{'GiB':<26}{'full/GPU':>11}{'LoRA/GPU':>11}{'full total':>13}{'LoRA total':>13}",
-    ]
-    rows = [(k, [m.items.get(k, 0.0) for m in cols]) for k in ITEMS]
-    host = [k for k in ITEMS if any(k in m.offloaded for m in cols)]
-    rows += [(f"{k} (host)", [m.offloaded.get(k, 0.0) for m in cols]) for k in host]
-    rows.append((f"TOTAL per {'GPU' if r.device == 'gpu' else 'rank'}", [m.per_gpu for m in cols]))
-    for name, (f, lo) in rows:
-        gib = [f / GIB, lo / GIB, f * w / GIB, lo * w / GIB]
-        out.append(
-            f"{name:<26}"
-            + "".join(f"{v:>{n}.2f}" for v, n in zip(gib, (11, 11, 13, 13), strict=True))
-        )
-    verdict = ["fits" if plan.fits(m) else "does NOT fit" for m in cols]
-    out += [
-        f"verdict ({r.gpu_gib:g} GiB per GPU): full FT {verdict[0]}, LoRA {verdict[1]}",
-        f"trainable params: full {s.param_count:,}, LoRA {plan.lora_params:,}",
-        f"adapter (r={r.lora_r}, {r.lora_dtype or r.base_dtype}): {plan.adapter_bytes:,} bytes "
-        f"= {plan.adapter_bytes / 1e6:.3g} MB = {plan.adapter_bytes / 2**20:.3g} MiB",
-        f"LoRA / full per GPU and in total: {plan.lora.per_gpu / plan.full.per_gpu:.3f}",
-    ]
-    return "\n".join(out + [f"note: {n}" for n in plan.notes])
-
-
-def run_plan(args: argparse.Namespace) -> int:
-    """Entry point of `lora-dist plan`; 2 on bad input, with a message saying what to change."""
-    try:
-        plan = plan_memory(*settings_from_args(args))
-    except (ValueError, OSError) as err:  # JSONDecodeError is a ValueError
-        print(f"lora-dist plan: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan.to_dict(), indent=2) if args.json else format_plan(plan))
-    return 0

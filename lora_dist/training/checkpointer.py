@@ -1,65 +1,122 @@
-"""Checkpointing for the trainer: save and resume LoRA-only state, every rank together.
+"""Saving and resuming a run's LoRA-only state: the Checkpointer a LoRA trainer holds.
 
-`CheckpointMixin` is mixed into `lora_dist.training.trainer.Trainer` and uses its attributes:
-cfg, out, engine, optimizer, scheduler, layout, order, rank, world, is_main, step, total_steps,
-lora, injection, model_dir, monitor, resume_path. Saving is a collective (every rank gathers its
-part of the LoRA state, rank 0 writes); see lora_dist.training.checkpoint_files for the files.
+Every method is a collective: all ranks call it at the same point. Saving gathers the LoRA
+factors, their Adam state and every rank's RNG state, and rank 0 writes `checkpoints/step-<N>/`
+(lora_dist.training.checkpoint_files has the layout). Resuming happens around the engine's
+creation, which is why the engine is an argument rather than a member: `find_resume` and
+`load_weights` run on the bare model before `deepspeed.initialize` (the engine copies the
+weights it starts from), `restore` puts the optimizer, schedule and RNG back afterwards.
 """
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
-from lora_dist.distributed.ds_config import ConfigError
+from lora_dist.adapter import AdapterSpec, load_adapter_into, read_adapter_weights
+from lora_dist.atomic import write_json_atomic
+from lora_dist.distributed.collective import barrier, broadcast_object, gather_objects_to_main
+from lora_dist.distributed.ds_config import BatchLayout
+from lora_dist.distributed.engine_state import (
+    gather_lora_optimizer_state,
+    optimizer_step_counts,
+    restore_lora_optimizer_state,
+    rng_state,
+    seed_everything,
+    set_rng_state,
+)
+from lora_dist.distributed.launch import RankInfo
+from lora_dist.distributed.zero import gather_lora_state
+from lora_dist.errors import ConfigError
+from lora_dist.lora import LoraConfig
+from lora_dist.training.checkpoint_files import (
+    base_fingerprint,
+    check_compatible,
+    find_checkpoint,
+    load_tensors,
+    save_tensors,
+    write_checkpoint,
+)
+from lora_dist.training.monitor import Monitor
+from lora_dist.training.schedule import DataOrder
 
 
-class CheckpointMixin:
-    """save_checkpoint() and the resume steps of a Trainer."""
+def run_identity(
+    model_dir: Path, lora: LoraConfig, target_modules: list[str] | str
+) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the base model and the LoRA settings."""
+    settings = {
+        "r": lora.r,
+        "alpha": lora.alpha,
+        "targets": target_modules,
+        "use_rslora": lora.use_rslora,
+    }
+    return {"base": base_fingerprint(model_dir), "lora": settings}
 
-    def _expected_identity(self) -> dict[str, Any]:
-        from lora_dist.training.checkpoint_files import base_fingerprint
 
-        lora = {
-            "r": self.lora.r,
-            "alpha": self.lora.alpha,
-            "targets": self.injection.target_modules,
-            "use_rslora": self.lora.use_rslora,
-        }
-        return {"base": base_fingerprint(self.model_dir), "lora": lora}
+class Checkpointer:
+    """Writes and restores resumable checkpoints of one LoRA run."""
 
-    def _find_resume(self) -> Path | None:
-        """Rank 0 picks the checkpoint and every rank takes its word, so all load the same."""
-        from lora_dist.distributed.collective import broadcast_object
-        from lora_dist.training.checkpoint_files import check_compatible, find_checkpoint
+    def __init__(
+        self,
+        output_dir: Path,
+        identity: dict[str, Any],
+        adapter: AdapterSpec,
+        layout: BatchLayout,
+        order: DataOrder,
+        ranks: RankInfo,
+        monitor: Monitor,
+        *,
+        total_steps: int,
+        keep_last: int,
+        seed: int,
+    ) -> None:
+        self.output_dir = Path(output_dir)
+        self.identity = identity
+        """run_identity(): refused on resume when it differs, recorded in every manifest."""
+        self.adapter = adapter
+        self.layout = layout
+        self.order = order
+        self.ranks = ranks
+        self.monitor = monitor
+        self.total_steps = total_steps
+        self.keep_last = keep_last
+        self.seed = seed
+        """The run's seed: a resume on another world size reseeds from it."""
 
+    @property
+    def is_main(self) -> bool:
+        return self.ranks.rank == 0
+
+    def find_resume(self, spec: str) -> Path | None:
+        """The checkpoint `--resume spec` names, checked against this run's identity.
+
+        Rank 0 picks (skipping damaged ones under 'auto') and every rank takes its word, so
+        all load the same one. None when 'auto' finds nothing.
+        """
         choice = None
         if self.is_main:
-            found = find_checkpoint(self.out, self.cfg.resume, lambda m: print(m, file=sys.stderr))
+            found = find_checkpoint(self.output_dir, spec, self.monitor.log)
             choice = str(found) if found else None
             if found is None:
-                print(f"no checkpoint in {self.out}; starting from step 0", file=sys.stderr)
+                self.monitor.log(f"no checkpoint in {self.output_dir}; starting from step 0")
         choice = broadcast_object(choice)
         if choice is None:
             return None
         path = Path(choice)
-        check_compatible(path, self._expected_identity())
+        check_compatible(path, self.identity)
         return path
 
-    def _load_resume_weights(self, model: torch.nn.Module) -> None:
-        from lora_dist.adapter import load_adapter_into, read_adapter_weights
+    def load_weights(self, path: Path, model: nn.Module) -> None:
+        """Copy the checkpoint's LoRA factors into the model, before the engine is built."""
+        load_adapter_into(model, read_adapter_weights(path / "adapter"))
 
-        load_adapter_into(model, read_adapter_weights(self.resume_path / "adapter"))
-
-    def _restore_engine_state(self) -> None:
-        from lora_dist.distributed.engine_state import restore_lora_optimizer_state, set_rng_state
-        from lora_dist.training.checkpoint_files import load_tensors
-
-        path = self.resume_path
+    def restore(self, path: Path, engine: Any) -> int:
+        """Put optimizer state, LR schedule and RNG back into a fresh engine; returns the step."""
         state = json.loads((path / "trainer_state.json").read_text())
         if state["global_batch"] != self.layout.global_batch:
             raise ConfigError(
@@ -68,71 +125,60 @@ class CheckpointMixin:
                 "train_batch_size unchanged when resuming."
             )
         restore_lora_optimizer_state(
-            self.engine, load_tensors(path / "optimizer.safetensors"), state["adam_steps"]
+            engine, load_tensors(path / "optimizer.safetensors"), state["adam_steps"]
         )
         lambdas = [None] * len(state["scheduler"]["base_lrs"])  # functions are not saved
-        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
+        engine.lr_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
         last_lrs = state["scheduler"]["_last_lr"]
-        for group, lr in zip(self.optimizer.param_groups, last_lrs, strict=True):
+        for group, lr in zip(engine.optimizer.param_groups, last_lrs, strict=True):
             group["lr"] = lr
-        self.step = state["step"]
-        self.engine.global_steps = self.step
-        self.engine.global_samples = self.step * self.layout.global_batch
-        self.engine.micro_steps = self.step * self.layout.grad_accum
+        step = state["step"]
+        engine.global_steps = step
+        engine.global_samples = step * self.layout.global_batch
+        engine.micro_steps = step * self.layout.grad_accum
+        rank, world = self.ranks.rank, self.ranks.world_size
         rng = load_tensors(path / "rng.safetensors")
-        if state["world_size"] == self.world:
-            cuda = rng.get(f"rank{self.rank}.cuda")
-            set_rng_state(rng[f"rank{self.rank}.torch"], state["rng"][self.rank], cuda)
+        if state["world_size"] == world:
+            set_rng_state(rng[f"rank{rank}.torch"], state["rng"][rank], rng.get(f"rank{rank}.cuda"))
         else:  # another world size: fresh but reproducible streams per rank
-            from lora_dist.distributed.engine_state import seed_everything
+            seed_everything(self.seed + 1000 * step + rank)
+        return step
 
-            seed_everything(self.cfg.seed + 1000 * self.step + self.rank)
-
-    def save_checkpoint(self) -> Path | None:
-        """Write checkpoints/step-<N>/ (collective: every rank gathers, rank 0 writes)."""
-        from lora_dist.adapter import save_adapter
-        from lora_dist.distributed.collective import barrier, gather_objects_to_main
-        from lora_dist.distributed.engine_state import (
-            gather_lora_optimizer_state,
-            optimizer_step_counts,
-            rng_state,
-        )
-        from lora_dist.distributed.zero import gather_lora_state
-        from lora_dist.training.checkpoint_files import save_tensors, write_checkpoint
-
-        lora_state = gather_lora_state(self.engine.module)
-        optim_state = gather_lora_optimizer_state(self.engine)
+    def save(self, step: int, engine: Any) -> Path | None:
+        """Write checkpoints/step-<step>/ (all ranks gather, rank 0 writes); the path on rank 0."""
+        lora_state = gather_lora_state(engine.module)
+        optim_state = gather_lora_optimizer_state(engine)
         torch_rng, other_rng = rng_state()
         cuda_rng = torch.cuda.get_rng_state() if torch.cuda.is_available() else None
         rngs = gather_objects_to_main((torch_rng, cuda_rng, other_rng))
         path = None
         if self.is_main:
+            layout = self.layout
+            schedule = engine.lr_scheduler.state_dict()
             state = {
-                "step": self.step,
-                "epoch": self.order.epoch_of(self.step),
-                "samples_consumed": self.step * self.layout.global_batch,
-                "global_batch": self.layout.global_batch,
+                "step": step,
+                "epoch": self.order.epoch_of(step),
+                "samples_consumed": step * layout.global_batch,
+                "global_batch": layout.global_batch,
                 "total_steps": self.total_steps,
-                "seed": self.cfg.seed,
-                "world_size": self.world,
-                "adam_steps": optimizer_step_counts(self.engine),
-                "scheduler": {
-                    k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"
-                },
+                "seed": self.seed,
+                "world_size": self.ranks.world_size,
+                "adam_steps": optimizer_step_counts(engine),
+                "scheduler": {k: v for k, v in schedule.items() if k != "lr_lambdas"},
                 "rng": [r[2] for r in rngs],
             }
             rng_tensors = {f"rank{r}.torch": t for r, (t, _, _) in enumerate(rngs)}
             rng_tensors |= {f"rank{r}.cuda": c for r, (_, c, _) in enumerate(rngs) if c is not None}
 
             def contents(tmp: Path) -> None:
-                self._save_adapter(tmp / "adapter", lora_state, save_adapter)
+                self.adapter.save(tmp / "adapter", lora_state)
                 save_tensors(tmp / "optimizer.safetensors", optim_state)
                 save_tensors(tmp / "rng.safetensors", rng_tensors)
-                (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2) + "\n")
+                write_json_atomic(tmp / "trainer_state.json", state, sort_keys=False)
 
-            world = {"world_size": self.world, "dp": self.layout.dp, "tp": self.layout.tp}
-            extra = {**self._expected_identity(), "world": world}
-            path = write_checkpoint(self.out, self.step, contents, extra, self.cfg.keep_last)
+            world = {"world_size": self.ranks.world_size, "dp": layout.dp, "tp": layout.tp}
+            extra = {**self.identity, "world": world}
+            path = write_checkpoint(self.output_dir, step, contents, extra, self.keep_last)
             self.monitor.log(f"checkpoint saved: {path}")
         barrier()
         return path

@@ -1,14 +1,29 @@
-"""What a run reports: TensorBoard scalars, a rank-0 progress bar, peak memory."""
+"""What a run reports: TensorBoard scalars, rank-0 progress bars, log lines, peak memory.
+
+The training bar's rate and ETA count training steps only: the trainer hands each step's own
+duration to `progress`, so time spent evaluating or checkpointing between steps never enters
+the s/step or the ETA. Evaluation shows its own bar (`phase`), and ends with one log line.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import sys
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.utils.tensorboard import SummaryWriter
+from tqdm import tqdm
+
+Progress = Callable[[int, int], None]
+"""progress(done, total): how far a phase has come, in its own units (batches)."""
+
+NO_PROGRESS_ENV = "LORA_DIST_NO_PROGRESS"
 
 
 def peak_memory_bytes() -> int:
@@ -22,38 +37,98 @@ def memory_kind() -> str:
     return "cuda_max_allocated" if torch.cuda.is_available() else "peak_rss"
 
 
+def format_duration(seconds: float) -> str:
+    """[H:]MM:SS, as tqdm prints its times."""
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes:02d}:{secs:02d}"
+
+
+class StepClock:
+    """The mean duration of the training steps seen so far, and what is left at that pace."""
+
+    def __init__(self, total_steps: int) -> None:
+        self.total_steps = total_steps
+        self.seconds = 0.0
+        self.steps = 0
+
+    def add(self, step_seconds: float) -> None:
+        self.seconds += step_seconds
+        self.steps += 1
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / self.steps if self.steps else float("nan")
+
+    def eta(self, step: int) -> float:
+        """Seconds until `total_steps`, at the mean pace of the steps seen."""
+        return max(self.total_steps - step, 0) * self.seconds_per_step
+
+    def summary(self, step: int) -> str:
+        if not self.steps:
+            return ""
+        return f"{self.seconds_per_step:.2f} s/step, ETA {format_duration(self.eta(step))}"
+
+
 class Monitor:
     """Rank 0 writes; every other rank's monitor is silent and writes nothing."""
 
-    def __init__(self, output_dir: Path, is_main: bool, total_steps: int, start_step: int = 0):
+    def __init__(self, output_dir: Path, is_main: bool, total_steps: int) -> None:
         self.is_main = is_main
-        self.writer = None
-        self.bar = None
-        if not is_main:
-            return
-        from torch.utils.tensorboard import SummaryWriter
-        from tqdm import tqdm
+        self.total_steps = total_steps
+        self.clock = StepClock(total_steps)
+        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard")) if is_main else None
+        self.bar: tqdm | None = None
+        self.show_bars = is_main and os.environ.get(NO_PROGRESS_ENV) != "1"
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / "tensorboard"))
-        self.bar = tqdm(
-            total=total_steps,
-            initial=start_step,
-            desc="train",
-            unit="step",
-            dynamic_ncols=True,
-            file=sys.stderr,
-            disable=os.environ.get("LORA_DIST_NO_PROGRESS") == "1",
-        )
+    def start(self, step: int) -> None:
+        """Open the training bar at `step` (a resumed run starts past 0)."""
+        if self.is_main:
+            self.bar = tqdm(
+                total=self.total_steps,
+                initial=step,
+                desc="train",
+                unit="step",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=not self.show_bars,
+                # tqdm's own rate and ETA would count evaluation time; StepClock's do not.
+                bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt}{postfix}",
+            )
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, value, step)
 
-    def progress(self, step: int, loss: float, tokens_per_s: float) -> None:
+    def progress(self, step: int, loss: float, tokens_per_s: float, step_seconds: float) -> None:
+        """One training step done in `step_seconds` (the step alone, nothing around it)."""
+        self.clock.add(step_seconds)
         if self.bar is not None:
             self.bar.update(step - self.bar.n)
-            self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+            self.bar.set_postfix_str(
+                f"{self.clock.summary(step)}, loss={loss:.4f}, tok/s={tokens_per_s:,.0f}"
+            )
+
+    @contextlib.contextmanager
+    def phase(self, name: str) -> Iterator[Progress]:
+        """A separate bar for work between training steps (evaluation), then one log line."""
+        bar: tqdm | None = None
+        started = time.perf_counter()
+        if self.show_bars:
+            bar = tqdm(desc=name, unit="batch", leave=False, dynamic_ncols=True, file=sys.stderr)
+
+        def update(done: int, total: int) -> None:
+            if bar is not None:
+                bar.total = total
+                bar.update(done - bar.n)
+
+        try:
+            yield update
+        finally:
+            if bar is not None:
+                bar.close()
+            self.log(f"{name}: {time.perf_counter() - started:.1f} s")
 
     def log(self, message: str) -> None:
         if self.is_main:

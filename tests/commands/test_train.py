@@ -1,4 +1,4 @@
-"""Mistakes a user makes with the main job end in one clear line, not a traceback."""
+"""`lora-dist train` by path (launcher/train.py): a mistake is one clear line, not a traceback."""
 
 import json
 import shutil
@@ -25,7 +25,7 @@ def run_single(*args: str) -> subprocess.CompletedProcess:
 
 def assert_clear_error(proc: subprocess.CompletedProcess, *fragments: str) -> None:
     assert proc.returncode == 2, proc.stderr[-3000:]
-    line = [x for x in proc.stderr.splitlines() if x.startswith("lora-dist: error:")]
+    line = [x for x in proc.stderr.splitlines() if x.startswith("lora-dist train: error:")]
     assert line, proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in line[0], line[0]
@@ -69,14 +69,16 @@ def test_every_flag_is_documented_in_help(capsys, monkeypatch) -> None:
     from dataclasses import fields
 
     monkeypatch.setenv("COLUMNS", "1000")  # no wrapping (textwrap also breaks at hyphens)
+    from lora_dist.cli import main
+    from lora_dist.settings import attribute_docs
     from lora_dist.training.config import TrainConfig
-    from lora_dist.training.trainer import main
 
     with pytest.raises(SystemExit) as stop:
-        main(["--help"])
+        main(["train", "--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    docs = attribute_docs(TrainConfig)
     for f in fields(TrainConfig):
         assert f"--{f.name}" in text
-        assert f.metadata["help"] in text, f.name
-    assert "[ds_configs/zero3.json]" in text and "[8]" in text  # defaults are shown
+        assert docs[f.name] in text, f.name
+    assert "[default: ds_configs/zero3.json]" in text and "[default: 8]" in text  # defaults shown

@@ -25,7 +25,14 @@ from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
 from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
-from lora_dist.training.evaluation import distinct_prompts, evaluate_engine, evaluate_task
+from lora_dist.training.evaluation import (
+    DataShard,
+    Decoding,
+    EvalSplit,
+    distinct_prompts,
+    evaluate_engine,
+    evaluate_task,
+)
 from tests.tiny_models import randomize_lora_b
 
 REPO = Path(__file__).resolve().parents[2]
@@ -126,9 +133,8 @@ def test_adapter_predictions_match_peft_and_hf_generate(base_dir: Path, adapter_
     from lora_dist.adapter import load_adapter
 
     load_adapter(ours, resolve_adapter_dir(adapter_dir))
-    metrics, records = evaluate_task(
-        ours, tok, WIKISQL, WIKISQL.sample_dir(), "dev", 0, 1, 10, batch_size=3, limit=7
-    )
+    split = EvalSplit(WIKISQL, WIKISQL.sample_dir(), "dev", limit=7)
+    metrics, records = evaluate_task(ours, tok, split, Decoding(max_new_tokens=10, batch_size=3))
     peft = PeftModel.from_pretrained(base, adapter_dir / "adapter").eval()
     stops = set(peft.generation_config.eos_token_id)
     expected = []
@@ -168,9 +174,8 @@ def test_e2e_generates_once_per_meaning_representation(base_dir: Path, tmp_path:
     rows = e2e.load_split(e2e.sample_dir(), "dev").to_list()
     first_mrs = list(dict.fromkeys(r["mr"] for r in rows))[:3]
     path = tmp_path / "p.jsonl"
-    metrics = evaluate_engine(
-        model, tok, e2e, e2e.sample_dir(), "dev", 0, 1, 0, 1, 6, 2, limit=3, predictions_path=path
-    )
+    split = EvalSplit(e2e, e2e.sample_dir(), "dev", limit=3)
+    metrics = evaluate_engine(model, tok, split, Decoding(6, 2), DataShard(0, 1), path)
     records = [json.loads(line) for line in path.read_text().splitlines()]
     assert [rows[r["index"]]["mr"] for r in records] == first_mrs
     assert metrics is not None and metrics["n_mrs"] == 3.0
@@ -199,7 +204,7 @@ def _launch_two_ranks(entry: list[str], flags: list[str]) -> None:
     "entry,merged",
     [
         (["--no_local_rank", "--module", "lora_dist.cli", "eval"], False),
-        (["--module", "lora_dist.training.evaluation"], True),
+        (["--module", "lora_dist.commands.eval"], True),
     ],
     ids=["cli-unmerged", "module-merged"],
 )
