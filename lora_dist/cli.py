@@ -10,6 +10,7 @@ import os
 import sys
 import traceback
 from types import ModuleType
+from typing import NamedTuple
 
 from lora_dist.commands.options import OneLineParser, add_flags, from_args
 from lora_dist.errors import UserError
@@ -37,12 +38,20 @@ def _help(module_name: str) -> str:
     return doc.split("\n", 1)[0].rstrip(".")
 
 
+class Chosen(NamedTuple):
+    """The command that argv names: its module, its full name, its parser."""
+
+    module: ModuleType
+    name: str
+    parser: argparse.ArgumentParser
+
+
 def _add_commands(
     sub: argparse._SubParsersAction,
     table: dict[str, str | dict[str, str]],
     argv: list[str],
     prefix: str,
-) -> tuple[ModuleType, str] | None:
+) -> Chosen | None:
     """Add every command of `table`; import (and configure) only the one `argv` names."""
     chosen = None
     for name, target in table.items():
@@ -57,11 +66,11 @@ def _add_commands(
         if argv and argv[0] == name:
             module = importlib.import_module(target)
             add_flags(p, module.OPTIONS)
-            chosen = (module, f"{prefix}{name}")
+            chosen = Chosen(module, f"{prefix}{name}", p)
     return chosen
 
 
-def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, tuple[ModuleType, str] | None]:
+def build_parser(argv: list[str]) -> tuple[argparse.ArgumentParser, Chosen | None]:
     parser = OneLineParser(prog="lora-dist", description=__doc__)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     return parser, _add_commands(sub, COMMANDS, argv, "")
@@ -100,12 +109,13 @@ def main(argv: list[str] | None = None) -> int:
     # from the environment (lora_dist.distributed.launch), so it is dropped wherever it is.
     argv = _without_local_rank(argv)
     parser, chosen = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
     if chosen is None:
         parser.print_help()
         return 2
-    module, name = chosen
-    return run_module(module, name, args)
+    if unknown:  # said by the command's parser, so the line names the command
+        chosen.parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    return run_module(chosen.module, chosen.name, args)
 
 
 if __name__ == "__main__":

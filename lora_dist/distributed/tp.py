@@ -45,8 +45,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_dist.distributed.ds_config import tp_size
+from lora_dist.distributed.zero import gathered
 from lora_dist.inject import LINEAR_TYPES, InjectionReport, inject_lora
-from lora_dist.lora import LoraConfig, LoraLinear
+from lora_dist.lora import LoraConfig, LoraLinear, lora_layers
 
 
 def _tp_classes() -> tuple[type[nn.Module], type[nn.Module]]:
@@ -244,9 +245,6 @@ def assert_tp_replicas_identical(model: nn.Module) -> str:
 
 def lora_factor_digest(model: nn.Module) -> torch.Tensor:
     """Every LoRA factor flattened into one float64 vector, for cross-rank identity checks."""
-    from lora_dist.distributed.zero import gathered
-    from lora_dist.lora import lora_layers
-
     factors = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     with gathered(factors):  # whole even if ZeRO-3 partitioned them over DP
         parts = [p.detach().double().flatten().cpu() for p in factors]

@@ -335,7 +335,11 @@ def load_shape(model: str) -> ModelShape:
             f"unknown model {model!r}: not a preset ({', '.join(PRESETS)}) and no "
             f"config.json at {path}"
         )
-    return shape_from_hf_config(json.loads(path.read_text()), name=model)
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{path} is not a JSON config.json: {exc}") from None
+    return shape_from_hf_config(config, name=model)
 
 
 def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[str, ...]:
