@@ -105,10 +105,11 @@ class Monitor:
         """One training step done in `step_seconds` (the step alone, nothing around it)."""
         self.clock.add(step_seconds)
         if self.bar is not None:
-            self.bar.update(step - self.bar.n)
             self.bar.set_postfix_str(
-                f"{self.clock.summary(step)}, loss={loss:.4f}, tok/s={tokens_per_s:,.0f}"
+                f"{self.clock.summary(step)}, loss={loss:.4f}, tok/s={tokens_per_s:,.0f}",
+                refresh=False,
             )
+            self.bar.update(step - self.bar.n)
 
     @contextlib.contextmanager
     def phase(self, name: str) -> Iterator[Progress]:

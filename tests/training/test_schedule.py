@@ -2,6 +2,7 @@
 
 import pytest
 
+from lora_dist.errors import ConfigError
 from lora_dist.training.schedule import DataOrder, lr_multiplier
 
 
@@ -24,3 +25,10 @@ def test_lr_schedule_shapes():
     assert lr_multiplier(100, 100, 10, "cosine") == pytest.approx(0.0)
     with pytest.raises(ValueError):
         lr_multiplier(50, 100, 0, "step")
+
+
+def test_constant_schedule_and_a_split_smaller_than_a_batch():
+    assert [lr_multiplier(s, 100, 4, "constant") for s in (0, 3, 4, 99)] == [0.25, 1.0, 1.0, 1.0]
+    with pytest.raises(ConfigError, match="fewer than one global batch of 16"):
+        DataOrder(num_samples=15, global_batch=16, seed=0)
+    assert DataOrder(num_samples=16, global_batch=16, seed=0).steps_per_epoch == 1
