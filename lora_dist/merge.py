@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
+from transformers import AutoConfig
 
 from lora_dist.adapter import (
     check_base_identity,
@@ -190,8 +191,6 @@ def _check_destination(out_dir: Path, inputs: list[Path], overwrite: bool) -> No
 
 
 def _base_config(base_dir: Path) -> Any:
-    from transformers import AutoConfig
-
     if not (base_dir / "config.json").is_file():
         raise MergeError(f"{base_dir} has no config.json: a merged model could not be served")
     return AutoConfig.from_pretrained(str(base_dir))

@@ -20,6 +20,7 @@ import deepspeed
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from lora_dist import cli
 from lora_dist.adapter import load_adapter, read_adapter_config, resolve_adapter_dir
 from lora_dist.atomic import write_json_atomic, write_jsonl_atomic
 from lora_dist.commands.options import Options, option
@@ -125,8 +126,8 @@ def load_for_eval(opts: EvalOptions, world_size: int, local_rank: int) -> EvalMo
 def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     """Run `lora-dist eval`; returns the eval.json payload on rank 0, None elsewhere."""
     task = get_task(opts.task)
-    split = EvalSplit(task, Path(opts.data) if opts.data else task.sample_dir(), opts.split)
-    split = EvalSplit(split.task, split.data_dir, split.name, opts.limit)
+    data_dir = Path(opts.data) if opts.data else task.sample_dir()
+    split = EvalSplit(task, data_dir, opts.split, opts.limit)
     split.rows()  # a missing file or a bad row fails here, before any model is loaded
     info = discover_ranks()
     if opts.ds_config or info.world_size > 1:
@@ -165,7 +166,5 @@ def run(opts: EvalOptions) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    from lora_dist.cli import main
-
-    sys.exit(main(["eval", *sys.argv[1:]]))
+if __name__ == "__main__":  # deepspeed --module lora_dist.commands.eval ...
+    sys.exit(cli.main(["eval", *sys.argv[1:]]))

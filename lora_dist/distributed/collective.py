@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 
 def is_distributed() -> bool:
@@ -19,8 +20,6 @@ def is_distributed() -> bool:
 
 
 def _device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
     # NCCL only reduces tensors on this rank's GPU; gloo wants the CPU. The accelerator knows.
     return torch.device(get_accelerator().current_device_name())
 

@@ -12,6 +12,14 @@ import random
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
+from deepspeed.ops.adam import FusedAdam
+from deepspeed.utils import (
+    safe_get_full_fp32_param,
+    safe_get_full_optimizer_state,
+    safe_set_full_fp32_param,
+    safe_set_full_optimizer_state,
+)
 from torch import nn
 
 from lora_dist.adapter import lora_parameters
@@ -26,8 +34,6 @@ def _plain_state(optimizer, param: nn.Parameter) -> dict[str, torch.Tensor]:
 
 def gather_lora_optimizer_state(engine) -> dict[str, torch.Tensor]:
     """fp32 master weights and Adam moments of every LoRA factor, whole, keyed like the adapter."""
-    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
-
     out: dict[str, torch.Tensor] = {}
     for key, param in lora_parameters(engine.module).items():
         master = safe_get_full_fp32_param(param)
@@ -71,8 +77,6 @@ def restore_lora_optimizer_state(
     engine, tensors: dict[str, torch.Tensor], steps: list[float]
 ) -> None:
     """Put gathered LoRA state back into a freshly initialised engine (any world size)."""
-    from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
     inner, flat = _inner_and_flat(engine)
     count = steps[0] if steps else 0
     for p in flat:  # Adam creates its state lazily at the first step; create it now
@@ -120,9 +124,6 @@ def replay_cpu_adam_steps(inner, steps: int) -> int:
                 g["bias_correction"], *scratch,
             )  # fmt: skip
         return steps
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.ops.adam import FusedAdam
-
     if isinstance(inner, FusedAdam) and get_accelerator().device_name() == "cpu":
         p, grad, m, v = scratch
         for t in range(1, steps + 1):

@@ -23,11 +23,16 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import deepspeed
+import torch.distributed as dist
+from deepspeed.accelerator import get_accelerator
 
 logger = logging.getLogger(__name__)
 
@@ -211,6 +216,7 @@ def _from_mpi_env(environ: Mapping[str, str]) -> tuple[int, int, int, int, int, 
 
 
 def _from_mpi4py() -> tuple[int, int, int, int, int, str]:
+    # Imported here only: importing mpi4py outside mpirun starts a singleton MPI.
     from mpi4py import MPI
 
     world_comm = MPI.COMM_WORLD
@@ -225,8 +231,6 @@ def _mpi_master() -> tuple[str, int]:
 
     A fixed default port would collide with other jobs on the same node (29500 is everyone's).
     """
-    import socket
-
     try:
         from mpi4py import MPI
     except ImportError:
@@ -314,9 +318,6 @@ def init_distributed(backend: str | None = None) -> RankInfo:
     info = discover_ranks()
     for key, value in info.env().items():
         os.environ.setdefault(key, value)
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     # Bind the GPU before NCCL creates its communicator, so rank k never touches GPU 0.
     if get_accelerator().device_name() != "cpu":
         get_accelerator().set_device(info.local_rank)
@@ -358,8 +359,6 @@ def release_shm_workspace() -> Path | None:
     needed: the mappings live on and the memory is freed when the last rank exits, crash or not.
     Returns the unlinked path, or None where the accelerator made no such buffer (GPUs).
     """
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         return None
     path = shm_workspace_path(dist.get_rank())

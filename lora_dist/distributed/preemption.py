@@ -12,6 +12,7 @@ import threading
 from types import FrameType
 
 import torch
+import torch.distributed as dist
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -30,8 +31,6 @@ class PreemptionWatch:
         self.received = signum
 
     def should_stop(self) -> bool:
-        import torch.distributed as dist
-
         flag = torch.tensor([1.0 if self.received is not None else 0.0], device=self.device)
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)

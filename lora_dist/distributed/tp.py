@@ -40,8 +40,23 @@ import os
 import types
 from typing import Any
 
+import deepspeed.comm as dist
 import torch
 import torch.nn.functional as F
+from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
+from deepspeed.module_inject.layers import (
+    ColumnParallel,
+    LinearAllreduce,
+    LinearLayer,
+    RowParallel,
+    ScatterToTensorParallelRegion,
+    collect_autotp_universal_checkpoint_info,
+    configure_tensor_parallel_runtime,
+    set_autotp_mode,
+)
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.tensor_parallel import get_tensor_parallel_config
+from deepspeed.utils import groups
 from torch import nn
 
 from lora_dist.distributed.ds_config import tp_size
@@ -51,8 +66,6 @@ from lora_dist.lora import LoraConfig, LoraLinear, lora_layers
 
 
 def _tp_classes() -> tuple[type[nn.Module], type[nn.Module]]:
-    from deepspeed.module_inject.layers import LinearAllreduce, LinearLayer
-
     return LinearLayer, LinearAllreduce
 
 
@@ -68,9 +81,6 @@ def tp_groups(tp: int):
 
     The mesh is (dp, tp) with TP innermost: global rank = dp_rank * tp + tp_rank.
     """
-    from deepspeed.module_inject.layers import set_autotp_mode
-    from deepspeed.utils import groups
-
     set_autotp_mode(training=True)
     groups._init_tp_mesh_device(tensor_model_parallel_size=tp)
     return groups
@@ -100,10 +110,6 @@ def shard_base_for_tp(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     tp = tp_size(ds_config)
     if tp <= 1:
         return None
-    from deepspeed.module_inject.layers import configure_tensor_parallel_runtime
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.tensor_parallel import get_tensor_parallel_config
-
     groups = tp_groups(tp)
     tp_config = get_tensor_parallel_config(ds_config)
     configure_tensor_parallel_runtime(tp_config)
@@ -123,9 +129,6 @@ def inject_lora_tp(model: nn.Module, config: LoraConfig) -> InjectionReport:
     """inject_lora with TP-aware layers; keeps AutoTP's checkpoint metadata true afterwards."""
     report = inject_lora(model, config, layer_factory=tp_lora_factory)
     if getattr(model, "ds_autotp_parsed", False):
-        from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
-        from deepspeed.module_inject.layers import collect_autotp_universal_checkpoint_info
-
         # AutoTP recorded parameter names before LoRA moved q_proj.weight to q_proj.base_layer.
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(model))
     return report
@@ -156,8 +159,6 @@ class _TPLoraLinear(LoraLinear):
     @torch.no_grad()
     def _sync_factors(self) -> None:
         """TP peers draw the same A from the same seed; broadcasting makes that a guarantee."""
-        import deepspeed.comm as dist
-
         src = dist.get_global_rank(self.group, 0)
         for p in (self.lora_A, self.lora_B):
             dist.broadcast(p.data, src, group=self.group)
@@ -178,8 +179,6 @@ class ColumnParallelLoraLinear(_TPLoraLinear):
         return full.narrow(0, self.offset, self.partition_sizes[self.tp_index])
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        from deepspeed.module_inject.layers import ColumnParallel, ScatterToTensorParallelRegion
-
         if self.base_layer.gather_output:  # whole, replicated output: ordinary LoRA is exact
             return super().lora_delta(x)
         a = self.lora_A
@@ -199,8 +198,6 @@ class RowParallelLoraLinear(_TPLoraLinear):
         return full.narrow(1, self.offset, self.partition_sizes[self.tp_index])
 
     def lora_delta(self, x: torch.Tensor) -> torch.Tensor:
-        from deepspeed.module_inject.layers import RowParallel, ScatterToTensorParallelRegion
-
         # Columns of A for this rank; backward zero-pads dA and all-reduces it over TP (r·in).
         a_cols = ScatterToTensorParallelRegion.apply(
             self.group, self.lora_A, self.partition_sizes, self.tp_index
@@ -230,9 +227,6 @@ def assert_tp_replicas_identical(model: nn.Module) -> str:
 
     One all-gather of all factors over the TP group, so call it once, e.g. before saving.
     """
-    import deepspeed.comm as dist
-    from deepspeed.utils import groups
-
     group = groups.get_tensor_model_parallel_group()
     mine = lora_factor_digest(model)
     peers = [torch.empty_like(mine) for _ in range(dist.get_world_size(group=group))]

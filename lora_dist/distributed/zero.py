@@ -6,6 +6,7 @@ import contextlib
 from collections.abc import Iterable, Iterator
 from typing import Any
 
+import deepspeed
 import torch
 from torch import nn
 
@@ -27,8 +28,6 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
     if not params:
         yield
         return
-    import deepspeed
-
     with deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank):
         yield
 

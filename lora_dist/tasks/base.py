@@ -20,7 +20,8 @@ class Task(Protocol):
     def load_split(self, data_dir: Path, split: str) -> datasets.Dataset:
         """Load one split ("train", "dev", ...) from local files with `datasets`.
 
-        Raises ValueError naming the file and line of any row that is missing fields.
+        Raises DataError (lora_dist.errors) naming the file and line of any row that is missing
+        fields, and MissingDataFile for a split whose file does not exist.
         """
 
     def prompt(self, row: dict[str, Any]) -> str:
