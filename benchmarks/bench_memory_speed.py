@@ -276,9 +276,10 @@ def collect(worker: str, out: Path) -> dict:
 def planner(model_dir: Path, ds_config: str) -> dict:
     """`lora-dist plan`'s per-rank totals (GiB -> bytes) for these runs, on the CPU."""
     cmd = [sys.executable, "-m", "lora_dist.cli", "plan", "--model", str(model_dir / "config.json")]
-    cmd += ["--device", "cpu", "--nodes", "1", "--gpus-per-node", "2", "--ds_config", ds_config]
-    cmd += ["--dtype", "bf16", "--micro-batch", "1", "--seq-len", str(SEQ), "-r", str(LORA_R)]
-    cmd += ["--targets", "q,v", "--no-checkpointing", "--json"]
+    cmd += ["--device", "cpu", "--nodes", "1", "--gpus_per_node", "2", "--ds_config", ds_config]
+    cmd += ["--dtype", "bf16", "--micro_batch", "1", "--max_length", str(SEQ)]
+    cmd += ["--lora_r", str(LORA_R), "--lora_targets", "q,v", "--no_activation_checkpointing"]
+    cmd += ["--json"]
     env = dict(os.environ, PYTHONPATH=str(REPO))
     plan = json.loads(subprocess.run(cmd, env=env, check=True, capture_output=True).stdout)
     return {m: plan[m]["per_gpu_gib"] * 2**30 for m in ("full", "lora")} | {

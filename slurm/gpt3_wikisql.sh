@@ -14,8 +14,8 @@
 # ACTIVATION_CHECKPOINTING, EXTRA_ARGS, and launch_common.sh's LAUNCH_MODE, MAX_RESTARTS, ...
 # Weight decay 0.1 and batch 128 live in the DeepSpeed JSON (ds_configs/zero3_tp8.json).
 #
-# Node count, from `lora-dist plan --model gpt3-175b --nodes N --gpus-per-node 8 --tp 8 --zero 3
-#   -r 4 --targets q,v --micro-batch 1 --seq-len 2048 --checkpointing --dtype fp16 --gpu-gib 80`:
+# Node count, from `lora-dist plan --model gpt3-175b --nodes N --gpus_per_node 8 --tp 8 --zero 3
+#   --lora_r 4 --lora_targets q,v --micro_batch 1 --max_length 2048 --dtype fp16 --gpu_gib 80`:
 #   fp16 weights: 174.6e9 params x 2 B = 349 GB (325 GiB); ZeRO-3 splits them over all N*8 GPUs:
 #     325/8 = 40.7 GiB per GPU on 1 node, 20.4 on 2, 10.2 on 4.
 #   LoRA r=4 on q,v: 96 layers x 2 x (12288*4 + 4*12288) = 18.9M params; with fp16 weights and

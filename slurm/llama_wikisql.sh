@@ -9,8 +9,8 @@
 # DATA_DIR, DS_CONFIG, OUTPUT_DIR, LORA_R, LORA_ALPHA, LORA_TARGETS, LR, EPOCHS, MAX_STEPS, SEED,
 # SAVE_EVERY, KEEP_LAST, EVAL_EVERY, ACTIVATION_CHECKPOINTING, EXTRA_ARGS, LAUNCH_MODE, ...
 #
-# Size, from `lora-dist plan --model llama-2-{7b,13b,70b} --nodes N --gpus-per-node 8 --tp 1
-#   --zero 3 -r 8 --targets q,v --micro-batch 1 --seq-len 2048 --checkpointing --dtype bf16`:
+# Size, from `lora-dist plan --model llama-2-{7b,13b,70b} --nodes N --gpus_per_node 8 --tp 1
+#   --zero 3 --lora_r 8 --lora_targets q,v --micro_batch 1 --max_length 2048 --dtype bf16`:
 #   bf16 weights 2 B/param split over N*8 GPUs: 7B 1.6 GiB, 13B 3.0 GiB, 70B 16.1 GiB per GPU on
 #   1 node; activations 2.0 / 2.6 / 5.0 GiB; LoRA per GPU in total 6.9 / 8.9 / 24.7 GiB on one
 #   node of 80 GiB GPUs, so 1 node runs all three; 2 nodes only add throughput (or headroom for
