@@ -1,1 +1,1 @@
-"""Distributed concerns: rank discovery, ZeRO-3 gathers, tensor-parallel LoRA, rank-0 I/O."""
+"""Distributed concerns, and nothing of the training loop: ranks, ZeRO-3, tensor parallelism."""
