@@ -1,4 +1,4 @@
-"""One command-line idiom: a command's settings are a dataclass, and its flags come from it.
+"""Typed settings: a dataclass checked when it is built, and the command-line flags made from it.
 
 A settings class derives from `Options` and documents each field with a one-line docstring
 under it. `add_flags` turns the class into argparse flags (type, default, choices and help
