@@ -36,7 +36,8 @@ def test_help_shows_every_flag_with_its_text(command, capsys, monkeypatch) -> No
     text = " ".join(capsys.readouterr().out.split())
     docs = attribute_docs(options_of(command))
     for f in dataclasses.fields(options_of(command)):
-        name = f.name if f.metadata.get("positional") else f"--{f.name}"
+        positional = f.metadata.get("metavar") or f.name
+        name = positional if f.metadata.get("positional") else f"--{f.name}"
         assert f"{name} " in text or text.endswith(name), f"{command}: {name} missing"
         assert docs[f.name] in text, f"{command} {name}: no help text"
     assert "--local_rank" not in text  # launchers' flag is accepted, not advertised
@@ -126,6 +127,9 @@ BAD = [
     ("eval --ds_config {missing}", "--ds_config"),
     ("eval --output_dir {file}", "--output_dir"),
     ("eval --split test", "file not found"),
+    ("import-gguf {missing} {tmp}/out", "missing"),
+    ("import-gguf {file} {tmp}/out --dtype fp8", "invalid choice: 'fp8'"),
+    ("import-gguf {file}", "OUT_DIR"),
 ]
 
 

@@ -29,7 +29,7 @@ from lora_dist.distributed.launch import discover_ranks, init_distributed, prepa
 from lora_dist.distributed.loading import load_base_model
 from lora_dist.distributed.zero import lora_persistence_threshold, merge_sharded, zero_stage
 from lora_dist.errors import ConfigError
-from lora_dist.loading import resolve_model_dir
+from lora_dist.models import resolve_model_dir
 from lora_dist.settings import existing_dir, existing_file, output_dir
 from lora_dist.tasks import TASK_MODULES, get_task
 from lora_dist.training.evaluation import DataShard, Decoding, EvalSplit, evaluate_task
@@ -40,8 +40,8 @@ class EvalOptions(Options):
     """Everything `lora-dist eval` needs."""
 
     model: str | None = option(None, aliases=("--base",))
-    """base model directory; default: the adapter's recorded base if it exists, else the
-    embedded small LLaMA"""
+    """a built-in model (smollm2-135m-instruct, tiny) or a base model directory; default: the
+    adapter's recorded base if it exists, else smollm2-135m-instruct"""
     adapter: str | None = None
     """an adapter directory, or a run/checkpoint directory holding one in adapter/; omit it to
     evaluate the bare base"""

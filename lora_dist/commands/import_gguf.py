@@ -11,11 +11,13 @@ values: a 4-bit file gives a model as good as the 4-bit file.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
 
 from lora_dist.commands.options import Options, option
+from lora_dist.models.gguf_import import import_gguf
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -36,10 +38,6 @@ OPTIONS = ImportGGUFOptions
 
 
 def run(opts: ImportGGUFOptions) -> int:
-    from pathlib import Path
-
-    from lora_dist.models.gguf_import import import_gguf
-
     out = import_gguf(Path(opts.gguf_file), Path(opts.out_dir), DTYPES[opts.dtype], opts.overwrite)
     print(f"wrote {out}")
     return 0

@@ -25,7 +25,8 @@ class TrainConfig(Options):
     ds_config: str = "ds_configs/zero3.json"
     """DeepSpeed JSON: batch sizes, precision, ZeRO stage, optimizer, TP"""
     model: str | None = None
-    """local Hugging Face causal-LM directory (default: the embedded small LLaMA)"""
+    """a built-in model (smollm2-135m-instruct, tiny) or a local Hugging Face causal-LM
+    directory (default: smollm2-135m-instruct)"""
     task: str = "wikisql"
     """task: wikisql, e2e, samsum or mnli"""
     data: str | None = None

@@ -45,8 +45,8 @@ from lora_dist.distributed.zero import (
     model_state_bytes,
     zero_stage,
 )
-from lora_dist.loading import resolve_model_dir
 from lora_dist.lora import LoraConfig
+from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from lora_dist.training.checkpointer import Checkpointer, run_identity
 from lora_dist.training.config import TrainConfig
