@@ -14,7 +14,7 @@ from lora_dist.models import resolve_model_dir
 from lora_dist.models.cache import cache_root, problems_with
 from tests.runs import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 BUILD_LINE = "lora-dist: building"
 
 
