@@ -23,6 +23,7 @@ from lora_dist.atomic import write_atomic, write_json_atomic
 from lora_dist.errors import AdapterError
 from lora_dist.inject import InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig, lora_layers
+from lora_dist.lora_fused import join_slice_targets, peft_patterns, split_slice_targets
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -90,8 +91,15 @@ def base_weights_digest(model_dir: Path) -> str:
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA factors of an unsharded model under PEFT's key names."""
-    return {key: param.detach() for key, param in lora_parameters(model).items()}
+    """The LoRA factors of an unsharded model under PEFT's key names, in PEFT's form.
+
+    (`lora_parameters` gives the factors as the layers hold them; slice layers differ.)
+    """
+    state = {}
+    for path, layer in lora_layers(model).items():
+        a, b = layer.export_factors(layer.lora_A.detach(), layer.lora_B.detach())
+        state[peft_key(path, "lora_A")], state[peft_key(path, "lora_B")] = a, b
+    return state
 
 
 def peft_config_dict(
@@ -100,14 +108,20 @@ def peft_config_dict(
     base_name_or_path: str,
     fan_in_fan_out: bool,
 ) -> dict[str, Any]:
-    """The adapter_config.json that PEFT's LoraConfig reads."""
+    """The adapter_config.json that PEFT's LoraConfig reads.
+
+    Slice targets ('c_attn[q,v]') become the fused module with PEFT's rank n·r and the alpha
+    that keeps our scale (lora_fused.peft_patterns).
+    """
+    peft_targets, fused_slices = split_slice_targets(target_modules)
+    rank_pattern, alpha_pattern = peft_patterns(fused_slices, config)
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
         "r": config.r,
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
-        "target_modules": target_modules,
+        "target_modules": peft_targets,
         "use_rslora": config.use_rslora,
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
@@ -115,8 +129,8 @@ def peft_config_dict(
         "base_model_name_or_path": base_name_or_path,
         "inference_mode": True,
         "modules_to_save": None,
-        "rank_pattern": {},
-        "alpha_pattern": {},
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
     }
 
 
@@ -144,6 +158,9 @@ def save_adapter(
             raise AdapterError(f"refusing to save an empty tensor for {key}: was it gathered?")
     peft_cfg = peft_config_dict(config, target_modules, base_name_or_path, fan_in_fan_out)
     meta = {"base_identity": base_identity(base_config), "format": 1}
+    fused_slices = split_slice_targets(target_modules)[1]
+    if fused_slices:  # how to read the fused modules' factors back as slices
+        meta["fused_slices"] = {name: list(s) for name, s in fused_slices.items()}
     write_atomic(out / WEIGHTS_NAME, lambda p: save_file(tensors, str(p), {"format": "pt"}))
     write_json_atomic(out / CONFIG_NAME, peft_cfg, sort_keys=False)
     write_json_atomic(out / META_NAME, meta, sort_keys=False)
@@ -178,8 +195,17 @@ class AdapterSpec:
         )
 
 
+def read_meta(adapter_dir: str | Path) -> dict[str, Any]:
+    """lora_dist.json, or {} for an adapter written by PEFT or another tool."""
+    path = Path(adapter_dir) / META_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
-    """Read and validate adapter_config.json, with errors that say what is wrong."""
+    """Read and validate adapter_config.json, with errors that say what is wrong.
+
+    `targets` is added: target_modules with the slices lora_dist.json records ('c_attn[q,v]').
+    """
     path = Path(adapter_dir) / CONFIG_NAME
     if not path.is_file():
         raise AdapterError(f"{path} does not exist: {adapter_dir} is not an adapter directory")
@@ -192,11 +218,25 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     for key in ("r", "lora_alpha", "target_modules"):
         if key not in cfg:
             raise AdapterError(f"{path} lacks the field {key!r}")
+    fused_slices = read_meta(adapter_dir).get("fused_slices", {})
+    try:
+        cfg["targets"] = join_slice_targets(cfg["target_modules"], fused_slices)
+        lora = lora_config_from_peft(cfg)
+    except ValueError as exc:
+        raise AdapterError(f"{path}: {exc}") from exc
+    patterns = (dict(cfg.get("rank_pattern") or {}), dict(cfg.get("alpha_pattern") or {}))
+    expected = peft_patterns(split_slice_targets(cfg["targets"])[1], lora)
+    if fused_slices and patterns != expected:
+        raise AdapterError(
+            f"{path}: rank_pattern/alpha_pattern {patterns} are not the {expected} that slices "
+            f"{fused_slices} need"
+        )
+    if not _same_scale_everywhere(lora, *patterns):
+        unsupported_patterns = {"rank_pattern": patterns[0], "alpha_pattern": patterns[1]}
+        raise AdapterError(f"{path}: per-module scales {unsupported_patterns} are unsupported")
     unsupported = {
         k: cfg.get(k)
         for k in (
-            "rank_pattern",
-            "alpha_pattern",
             "modules_to_save",
             "use_dora",
             "layers_to_transform",
@@ -210,9 +250,20 @@ def read_adapter_config(adapter_dir: str | Path) -> dict[str, Any]:
     return cfg
 
 
+def _same_scale_everywhere(lora: LoraConfig, ranks: dict, alphas: dict) -> bool:
+    """Whether every rank/alpha pattern entry scales as the top level does (ranks then differ
+    only in the tensors' shapes, as in an exported slice adapter)."""
+    for key in set(ranks) | set(alphas):
+        r, alpha = int(ranks.get(key, lora.r)), float(alphas.get(key, lora.alpha))
+        scale = alpha / (r**0.5 if lora.use_rslora else r)
+        if abs(scale - lora.scaling) > 1e-12 * abs(lora.scaling):
+            return False
+    return True
+
+
 def lora_config_from_peft(cfg: dict[str, Any]) -> LoraConfig:
-    """Our LoraConfig for a PEFT adapter_config dict."""
-    targets = cfg["target_modules"]
+    """Our LoraConfig for a PEFT adapter_config dict (slices restored when `targets` has them)."""
+    targets = cfg.get("targets", cfg["target_modules"])
     return LoraConfig(
         r=int(cfg["r"]),
         alpha=float(cfg["lora_alpha"]),
@@ -242,10 +293,7 @@ def read_adapter_weights(adapter_dir: str | Path) -> dict[str, torch.Tensor]:
 
 def check_base_identity(adapter_dir: str | Path, base_config: Any) -> None:
     """Refuse an adapter trained on a different base (when the adapter records its base)."""
-    meta_path = Path(adapter_dir) / META_NAME
-    if not meta_path.is_file():
-        return  # written by PEFT or another tool: shapes are still checked on load
-    recorded = json.loads(meta_path.read_text()).get("base_identity")
+    recorded = read_meta(adapter_dir).get("base_identity")  # PEFT's files: shapes still checked
     actual = base_identity(base_config)
     if recorded and recorded != actual:
         raise AdapterError(
@@ -259,22 +307,32 @@ def load_adapter_into(
     weights: dict[str, torch.Tensor],
     strict: bool = True,
 ) -> None:
-    """Copy PEFT-keyed factors into a model's existing LoRA layers, checking every shape."""
-    params = lora_parameters(model)
-    for key, param in params.items():
-        if key not in weights:
+    """Copy PEFT-keyed factors into a model's existing LoRA layers, checking every shape.
+
+    Each layer converts PEFT's form back to its own (`import_factors`; slice layers differ).
+    """
+    expected = set()
+    for path, layer in lora_layers(model).items():
+        keys = [peft_key(path, factor) for factor in FACTORS]
+        expected.update(keys)
+        missing = [k for k in keys if k not in weights]
+        if missing:
             if strict:
-                raise AdapterError(f"adapter has no tensor {key}")
+                raise AdapterError(f"adapter has no tensor {missing[0]}")
             continue
-        value = weights[key]
-        if tuple(value.shape) != tuple(param.shape):
-            raise AdapterError(
-                f"{key} has shape {tuple(value.shape)} but this model needs "
-                f"{tuple(param.shape)}: different rank or base model"
-            )
-        with torch.no_grad():
-            param.copy_(value.to(param.dtype))
-    unexpected = sorted(set(weights) - set(params))
+        try:
+            values = layer.import_factors(weights[keys[0]], weights[keys[1]])
+        except ValueError as exc:
+            raise AdapterError(f"{keys[1]}: {exc}") from exc
+        for key, value, param in zip(keys, values, (layer.lora_A, layer.lora_B), strict=True):
+            if tuple(value.shape) != tuple(param.shape):
+                raise AdapterError(
+                    f"{key} has shape {tuple(value.shape)} but this model needs "
+                    f"{tuple(param.shape)}: different rank or base model"
+                )
+            with torch.no_grad():
+                param.copy_(value.to(param.dtype))
+    unexpected = sorted(set(weights) - expected)
     if unexpected and strict:
         raise AdapterError(f"adapter tensors match no LoRA layer of this model: {unexpected[:5]}")
 

@@ -150,6 +150,17 @@ class LoraLinear(nn.Module):
             weight.copy_((weight.float() - self.delta_weight().to(weight.device)).to(weight.dtype))
         self.merged = False
 
+    def export_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whole (gathered) factors -> the lora_A, lora_B that PEFT's file holds: the same here.
+
+        Layers whose factors are stored in another form (lora_fused.FusedSliceLora) convert.
+        """
+        return a, b
+
+    def import_factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The inverse of export_factors."""
+        return a, b
+
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}, merged={self.merged}"
 

@@ -1,10 +1,11 @@
 """Which projections LoRA adapts: the target presets, one table for the trainer and the planner.
 
 A decoder layer's linear maps are named here by role: q, k, v, o for attention (qkv where one
-fused map holds all three), and gate, up, down or fc_in, fc_out for the MLP. A preset lists
-roles; `PROJECTION_NAMES` says what each role's module is called in each architecture.
-Fused-QKV architectures (GPT-2, GPT-NeoX, Falcon, BLOOM) have no separate q and v maps: asking
-for any of q, k, v adapts the fused map, as PEFT does with target_modules=["c_attn"].
+fused map holds all three), and gate, up, down (gate_up where fused) or fc_in, fc_out for the
+MLP. A preset lists roles; `PROJECTION_NAMES` says what each role's module is called in each
+architecture. Fused-QKV architectures (GPT-2, GPT-NeoX, Falcon, BLOOM, Phi-3) have no separate
+q, k and v maps: their roles become slices of the fused one, 'c_attn[q,v]', each slice with its
+own rank-r update (lora_dist.lora_fused), as the LoRA paper adapted W_q and W_v of GPT-3.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from lora_dist.errors import ConfigError
 TARGET_PRESETS: dict[str, tuple[str, ...]] = {
     "attn": ("q", "v"),  # the paper's choice (Hu et al. 2021, Sec. 7.1)
     "attn-all": ("q", "k", "v", "o"),
-    "all": ("q", "k", "v", "o", "gate", "up", "down", "fc_in", "fc_out"),
+    "all": ("q", "k", "v", "o", "gate", "up", "gate_up", "down", "fc_in", "fc_out"),
 }
 """Preset name -> roles, in the order their modules are listed."""
 
@@ -47,6 +48,7 @@ PROJECTION_NAMES: dict[str, dict[str, str]] = {
     "gpt_neox": _FUSED,
     "falcon": _FUSED,
     "bloom": _FUSED,
+    "phi3": {"qkv": "qkv_proj", "o": "o_proj", "gate_up": "gate_up_proj", "down": "down_proj"},
     "opt": _OPT,
     "gptj": _OPT | {"fc_in": "fc_in", "fc_out": "fc_out"},
 }
@@ -54,18 +56,15 @@ PROJECTION_NAMES: dict[str, dict[str, str]] = {
 
 
 def preset_roles(preset: str, available: Iterable[str]) -> tuple[str, ...]:
-    """The roles of `preset` that a model with projections `available` has, q/k/v -> qkv if fused.
+    """The roles of `preset` that a model with projections `available` has.
 
+    q, k and v stay roles on a fused-QKV model ("qkv" in `available`): slices of the fused map.
     "all" names both MLP namings; only the ones the model has are kept.
     """
     have = set(available)
-    roles: list[str] = []
-    for role in TARGET_PRESETS[preset]:
-        if role in ("q", "k", "v") and "qkv" in have:
-            role = "qkv"
-        if role in have and role not in roles:
-            roles.append(role)
-    return tuple(roles)
+    if "qkv" in have:
+        have |= {"q", "k", "v"}
+    return tuple(role for role in TARGET_PRESETS[preset] if role in have)
 
 
 def preset_modules(preset: str, model_type: str | None) -> list[str]:
@@ -77,4 +76,12 @@ def preset_modules(preset: str, model_type: str | None) -> list[str]:
             "a 're:<regex>', or 'all-linear'"
         )
     names = PROJECTION_NAMES[model_type]
-    return [names[role] for role in preset_roles(preset, names)]
+    roles = preset_roles(preset, names)
+    slices = tuple(r for r in roles if r in ("q", "k", "v") and "qkv" in names)
+    modules = []
+    for role in roles:
+        if role not in slices:
+            modules.append(names[role])
+        elif role == slices[0]:  # one slice target for all of the fused map's slices
+            modules.append(f"{names['qkv']}[{','.join(slices)}]")
+    return modules

@@ -17,6 +17,7 @@ from lora_dist.adapter import (
 )
 from lora_dist.inject import find_targets, inject_lora, resolve_targets
 from lora_dist.lora import LoraConfig
+from lora_dist.lora_fused import split_slice_targets
 from tests.tiny_models import randomize_lora_b, tiny_gpt2, tiny_llama, tokens
 
 CASES = [
@@ -53,7 +54,8 @@ def test_our_adapter_loads_in_peft(tmp_path, factory, targets, rslora):
 @pytest.mark.parametrize("factory,targets,rslora", CASES)
 def test_peft_adapter_loads_here(tmp_path, factory, targets, rslora):
     model_type = factory().config.model_type
-    target_modules = resolve_targets(targets, model_type)
+    # PEFT adapts GPT-2's whole c_attn; loaded here, it stays an ordinary LoRA on c_attn.
+    target_modules = split_slice_targets(resolve_targets(targets, model_type))[0]
     peft_cfg = PeftLoraConfig(
         r=4,
         lora_alpha=8,

@@ -37,6 +37,24 @@ def load_base_model(model_dir: Path, ds_cfg: dict[str, Any], stage: int) -> torc
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=model_dtype(ds_cfg))
 
 
+def build_zero3_from_config(
+    config: Any, ds_config: dict[str, Any], dtype: torch.dtype | None = None
+) -> nn.Module:
+    """A causal LM built from a config straight into ZeRO-3 partitions, initialised correctly.
+
+    Not `with deepspeed.zero.Init(): Model(config)`: zero.Init partitions every module's
+    parameters into empty placeholders as soon as the module is built, so transformers'
+    `post_init()` initialises nothing and each weight keeps torch's constructor default, N(0, 1)
+    for nn.Embedding. Where lm_head is tied to that embedding (GPT-2, BLOOM, Falcon) the first
+    logits are then ~sqrt(hidden) wide: GPT-2 at vocab 1000 gave a loss of 167, not ln 1000 =
+    6.9 (Phi-3's padding-row init even indexes an empty placeholder and fails). With
+    HfDeepSpeedConfig alive, transformers builds under zero.Init and then re-runs its
+    initialisation on gathered parameters (`initialize_weights_zero3`).
+    """
+    keep_alive = HfDeepSpeedConfig(ds_config)  # noqa: F841 (transformers holds a weakref)
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
 def checkpoint_files(model_dir: Path) -> list[Path]:
     """The safetensors files of a Hugging Face model directory, sharded or not, in shard order."""
     model_dir = Path(model_dir)

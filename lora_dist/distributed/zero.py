@@ -10,7 +10,7 @@ import deepspeed
 import torch
 from torch import nn
 
-from lora_dist.adapter import lora_parameters
+from lora_dist.adapter import peft_key
 from lora_dist.lora import lora_layers
 
 
@@ -33,16 +33,20 @@ def gathered(params: Iterable[torch.Tensor], modifier_rank: int | None = None) -
 
 
 def gather_lora_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The LoRA factors under PEFT key names, whole and on the CPU, on every rank.
+    """The LoRA factors under PEFT key names and in PEFT's form, whole, on the CPU, on every rank.
 
     Only the LoRA factors are gathered, never the base: under ZeRO-3 they are persistent
     (never partitioned away after the first forward), so this costs at most one small
     all-gather per factor.
     """
     state: dict[str, torch.Tensor] = {}
-    for key, param in lora_parameters(model).items():
-        with gathered([param]):
-            state[key] = param.detach().float().cpu().clone()
+    for path, layer in lora_layers(model).items():
+        whole = []
+        for param in (layer.lora_A, layer.lora_B):
+            with gathered([param]):
+                whole.append(param.detach().float().cpu().clone())
+        a, b = layer.export_factors(*whole)  # PEFT's form (slice layers convert)
+        state[peft_key(path, "lora_A")], state[peft_key(path, "lora_B")] = a, b
     return state
 
 
