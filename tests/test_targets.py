@@ -35,6 +35,14 @@ CONFIGS = [
         hidden_size=32, num_hidden_layers=2, num_attention_heads=4, vocab_size=64
     ),
     transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64),
+    transformers.FalconConfig(
+        hidden_size=32, num_hidden_layers=2, num_attention_heads=8, num_kv_heads=2,
+        new_decoder_architecture=True, vocab_size=64,
+    ),
+    transformers.Phi3Config(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, pad_token_id=0,
+    ),
     transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, rotary_dim=4),
 ]  # fmt: skip
 

@@ -8,9 +8,10 @@ Accounting, per rank (DP = world / TP):
 - LoRA: the base has no gradients and no optimizer state. The factors A, B are replicated on every
   rank (over TP too). Their gradients and Adam states follow the ZeRO stage like any trainable
   parameter, i.e. they ARE partitioned over DP, because that is what DeepSpeed does.
-- Fused attention (GPT-2 c_attn, NeoX/BLOOM/Falcon query_key_value): targeting any of q, k, v
-  adapts the whole fused Linear once, with its full output dim, as PEFT does for
-  target_modules=["c_attn"]. loralib's MergedLinear would adapt only the q and v slices.
+- Fused attention (GPT-2 c_attn, NeoX/BLOOM/Falcon query_key_value, Phi-3 qkv_proj): each of
+  q, k, v targeted is a slice with its own rank-r update (as loralib's MergedLinear and the
+  trainer's 'attn' preset do), counted like the separate projection; "qkv" adapts the whole
+  fused Linear as PEFT's target_modules=["c_attn"] does.
 - Activations: Korthikanti et al. 2022 (arXiv:2205.05198), eq. 1-2: per layer
   s*b*h*(10 + 24/t + 5*a*s/(h*t)) bytes without recomputation, generalised to this model's q/k/v
   widths and gated MLPs; with full checkpointing 2*s*b*h per layer plus one layer recomputed.

@@ -13,7 +13,7 @@ from lora_dist.targets import TARGET_PRESETS, preset_roles
 
 # Megatron tensor parallelism splits these by output columns (their biases split with them); the
 # remaining projections (o, down, fc_out) split by input rows and keep a replicated bias.
-COLUMN_PARALLEL = frozenset({"q", "k", "v", "qkv", "gate", "up", "fc_in"})
+COLUMN_PARALLEL = frozenset({"q", "k", "v", "qkv", "gate", "up", "gate_up", "fc_in"})
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -50,6 +50,22 @@ class ModelShape:
     @property
     def fused_qkv(self) -> bool:
         return "qkv" in self.projections
+
+    def is_slice(self, key: str) -> bool:
+        """Whether `key` is a q, k or v slice of this model's fused QKV projection."""
+        return self.fused_qkv and key in ("q", "k", "v")
+
+    def lora_dims(self, key: str) -> tuple[int, int]:
+        """(in, out) of what LoRA adapts for `key`: a projection, or a q/k/v slice of a fused one.
+
+        A slice of a fused QKV gets its own rank-r update (lora_fused.FusedSliceLora), so it
+        counts as the separate projection would: q is heads x head_dim wide, k and v kv_heads x
+        head_dim.
+        """
+        if self.is_slice(key):
+            heads = self.heads if key == "q" else self.kv_heads
+            return self.hidden, heads * self.head_dim
+        return self.projections[key]
 
     def tensors(self) -> list[tuple[int, int, bool]]:
         """Every parameter tensor as (numel, how many, split by tensor parallelism)."""
@@ -106,6 +122,15 @@ def _llama(cfg: dict[str, Any]) -> dict[str, Any]:
         tied_embeddings=cfg.get("tie_word_embeddings", False),
         seq_len=_get(cfg, "max_position_embeddings", default=4096),
     )
+
+
+def _phi3(cfg: dict[str, Any]) -> dict[str, Any]:
+    """Phi-3: LLaMA's layer with q, k, v fused into qkv_proj and gate, up into gate_up_proj."""
+    fields = _llama(cfg)
+    h, a, kv, hd, i = (cfg["hidden_size"], fields["heads"], fields["kv_heads"],
+                       fields["head_dim"], fields["intermediate"])  # fmt: skip
+    proj = {"qkv": (h, (a + 2 * kv) * hd), "o": (a * hd, h), "gate_up": (h, 2 * i), "down": (i, h)}
+    return fields | dict(projections=proj, biased=frozenset())
 
 
 def _plain(h: int, a: int, kv: int, i: int, fused: bool, **rest: Any) -> dict[str, Any]:
@@ -241,6 +266,7 @@ FAMILIES: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "gpt_neox": _neox,
     "opt": _opt,
     "gpt3": lambda cfg: _opt(cfg, position_offset=0),
+    "phi3": _phi3,
     "falcon": _falcon,
     "RefinedWeb": _falcon,
     "RefinedWebModel": _falcon,
@@ -297,6 +323,41 @@ PRESETS: dict[str, dict[str, Any]] = {
         vocab_size=50257,
         max_position_embeddings=2048,
     ),
+    # The open 175B class, from each model's published config.json. BLOOM-176B has 176,247,271,424
+    # parameters and Llama-3.1-405B 405,853,388,800 (their model cards); Falcon-180B and OPT-175B
+    # give what transformers builds from these configs (178.6B and 174.6B).
+    "bloom-176b": _preset(
+        "bloom",
+        hidden_size=14336,
+        n_layer=70,
+        n_head=112,
+        vocab_size=250880,
+        seq_length=2048,
+    ),
+    "falcon-180b": _preset(
+        "falcon",
+        hidden_size=14848,
+        num_hidden_layers=80,
+        num_attention_heads=232,
+        num_kv_heads=8,
+        new_decoder_architecture=True,
+        multi_query=True,
+        parallel_attn=True,
+        alibi=False,
+        bias=False,
+        vocab_size=65024,
+        max_position_embeddings=2048,
+    ),
+    "opt-175b": _preset(
+        "opt",
+        hidden_size=12288,
+        num_hidden_layers=96,
+        num_attention_heads=96,
+        ffn_dim=49152,
+        vocab_size=50272,
+        max_position_embeddings=2048,
+    ),
+    "llama-3.1-405b": _llama_preset(16384, 126, 128, 8, 53248, 128256, 131072),
     "gpt3-13b": _preset(
         "gpt3",
         hidden_size=5120,
@@ -343,17 +404,19 @@ def load_shape(model: str) -> ModelShape:
 
 
 def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[str, ...]:
-    """Projection keys of `shape` that a target spec adapts (q,k,v map to a fused "qkv").
+    """Projection keys of `shape` that a target spec adapts.
 
-    A preset (lora_dist.targets, the trainer's table) or a comma list of projection roles.
+    A preset (lora_dist.targets, the trainer's table) or a comma list of projection roles. On a
+    fused-QKV model q, k and v stay keys of their own: slices of the fused projection, as the
+    trainer adapts them. "qkv" adapts the whole fused map (PEFT's way).
     """
     if isinstance(targets, str) and targets in TARGET_PRESETS:
         return preset_roles(targets, shape.projections)
     names = [t.strip() for t in targets.split(",")] if isinstance(targets, str) else targets
     keys: list[str] = []
     for name in names:
-        key = "qkv" if shape.fused_qkv and name in ("q", "k", "v") else name
-        if key not in shape.projections:
+        key = name
+        if key not in shape.projections and not shape.is_slice(key):
             raise ConfigError(
                 f"target {name!r} is not a projection of {shape.name}; use "
                 f"{', '.join(TARGET_PRESETS)} or a comma list of "
@@ -365,11 +428,19 @@ def resolve_targets(shape: ModelShape, targets: str | Sequence[str]) -> tuple[st
 
 
 def lora_param_count(shape: ModelShape, r: int, targets: str | Sequence[str]) -> int:
-    """Trainable LoRA parameters: r * (d_in + d_out) per adapted Linear per layer."""
+    """Trainable LoRA parameters: r * (d_in + d_out) per adapted Linear or slice per layer."""
     keys = resolve_targets(shape, targets)
-    return shape.layers * sum(r * sum(shape.projections[k]) for k in keys)
+    return shape.layers * sum(r * sum(shape.lora_dims(k)) for k in keys)
 
 
 def adapter_bytes(shape: ModelShape, r: int, targets: str | Sequence[str], dtype: str) -> int:
-    """Size of the saved adapter tensors (file headers aside)."""
-    return lora_param_count(shape, r, targets) * DTYPE_BYTES[dtype]
+    """Size of the saved adapter tensors (file headers aside).
+
+    Slices of a fused QKV are saved in PEFT's form, one rank-(n·r) LoRA on the whole fused map
+    whose B is zero outside the slices' rows, so the file holds r·n·(in + fused out) per layer.
+    """
+    keys = resolve_targets(shape, targets)
+    slices = [k for k in keys if shape.is_slice(k)]
+    n = lora_param_count(shape, r, [k for k in keys if k not in slices])
+    n += shape.layers * r * len(slices) * sum(shape.projections["qkv"]) if slices else 0
+    return n * DTYPE_BYTES[dtype]

@@ -63,8 +63,8 @@ def test_lora_count_matches_real_llama(tmp_path, targets: str, suffixes: tuple[s
     assert lora_param_count(shape, 4, targets) == _linear_lora_count(model, suffixes, 4)
 
 
-def test_fused_qkv_counts_like_peft_on_gpt2() -> None:
-    # Targeting q,v on GPT-2 adapts the whole c_attn, as PEFT's target_modules=["c_attn"] does.
+def test_whole_fused_qkv_counts_like_peft_on_gpt2() -> None:
+    # "qkv" adapts the whole c_attn, as PEFT's target_modules=["c_attn"] does.
     import peft
 
     config = transformers.GPT2Config(n_embd=32, n_layer=2, n_head=4, vocab_size=64, n_positions=32)
@@ -74,7 +74,7 @@ def test_fused_qkv_counts_like_peft_on_gpt2() -> None:
         model, peft.LoraConfig(r=2, target_modules=["c_attn"], fan_in_fan_out=True)
     )
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
-    assert lora_param_count(shape, 2, "q,v") == trainable
+    assert lora_param_count(shape, 2, "qkv") == trainable
 
 
 @pytest.mark.parametrize(
@@ -96,6 +96,14 @@ def test_fused_qkv_counts_like_peft_on_gpt2() -> None:
             new_decoder_architecture=True,
         ),
         transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=4, vocab_size=64),
+        transformers.Phi3Config(
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            pad_token_id=0,
+        ),
         transformers.GPTJConfig(n_embd=32, n_layer=2, n_head=4, vocab_size=64, rotary_dim=4),
         transformers.MistralConfig(
             hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4
@@ -116,3 +124,28 @@ def test_param_count_matches_real_models(config) -> None:
 )
 def test_preset_param_counts_match_published(preset: str, published: int) -> None:
     assert load_shape(preset).param_count == published
+
+
+def test_gpt3_paper_counts_are_exact() -> None:
+    assert lora_param_count(GPT3, 1, "q,v") == 4_718_592
+    assert lora_param_count(GPT3, 8, "attn") == 37_748_736
+
+
+@pytest.mark.parametrize(
+    ("preset", "published"),
+    [("bloom-176b", 176_247_271_424), ("llama-3.1-405b", 405_853_388_800)],
+)
+def test_175b_class_presets(preset: str, published: int) -> None:
+    assert load_shape(preset).param_count == published
+
+
+@pytest.mark.parametrize("preset", ["bloom-176b", "falcon-180b"])
+def test_fused_presets_count_q_and_v_slices(preset: str) -> None:
+    # Per layer r*(h + heads*head_dim) for q and r*(h + kv_heads*head_dim) for v, as the
+    # separate projections would have; the fused k rows get nothing.
+    s = load_shape(preset)
+    assert s.fused_qkv
+    per_layer = 8 * ((s.hidden + s.heads * s.head_dim) + (s.hidden + s.kv_heads * s.head_dim))
+    assert lora_param_count(s, 8, "attn") == s.layers * per_layer
+    assert lora_param_count(s, 8, "q,v") == lora_param_count(s, 8, "attn")
+    assert lora_param_count(s, 8, "qkv") == s.layers * 8 * sum(s.projections["qkv"])
