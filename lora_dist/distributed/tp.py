@@ -60,6 +60,14 @@ from deepspeed.utils import groups
 from torch import nn
 
 from lora_dist.distributed.ds_config import tp_size
+from lora_dist.distributed.tp_fused import (
+    Conv1DColumnParallel,
+    Conv1DRowParallel,
+    own_row_parallel_outputs,
+    refuse_unsupported_autotp,
+    shard_gpt2,
+    tp_slice_factory,
+)
 from lora_dist.distributed.zero import gathered
 from lora_dist.inject import LINEAR_TYPES, InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig, LoraLinear, lora_layers
@@ -111,6 +119,11 @@ def shard_base_for_tp(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     if tp <= 1:
         return None
     groups = tp_groups(tp)
+    register_tp_linear_types()
+    if getattr(getattr(model, "config", None), "model_type", None) == "gpt2":
+        shard_gpt2(model, groups.get_tensor_model_parallel_group())  # AutoTP refuses GPT-2
+        return groups
+    refuse_unsupported_autotp(getattr(model, "config", None))
     tp_config = get_tensor_parallel_config(ds_config)
     configure_tensor_parallel_runtime(tp_config)
     # The engine's pass reads only these four members of the engine; nothing else is faked.
@@ -121,13 +134,13 @@ def shard_base_for_tp(model: nn.Module, ds_config: dict[str, Any]) -> Any:
         compile_autotp=lambda: False,
     )
     DeepSpeedEngine._apply_autotp_partitioning(engine_view, model, tp_config)
-    register_tp_linear_types()
+    own_row_parallel_outputs(model)
     return groups
 
 
 def inject_lora_tp(model: nn.Module, config: LoraConfig) -> InjectionReport:
     """inject_lora with TP-aware layers; keeps AutoTP's checkpoint metadata true afterwards."""
-    report = inject_lora(model, config, layer_factory=tp_lora_factory)
+    report = inject_lora(model, config, tp_lora_factory, tp_slice_factory)
     if getattr(model, "ds_autotp_parsed", False):
         # AutoTP recorded parameter names before LoRA moved q_proj.weight to q_proj.base_layer.
         setattr(model, UNIVERSAL_CHECKPOINT_INFO, collect_autotp_universal_checkpoint_info(model))
@@ -150,6 +163,7 @@ class _TPLoraLinear(LoraLinear):
         # Same factor shapes and the same RNG draws as LoRA on the unsharded linear.
         super().__init__(_LogicalShape(base.weight, base._orig_weight_shape), config)
         self.base_layer = base
+        self.fan_in_fan_out = getattr(base, "fan_in_fan_out", False)  # our Conv1D shards
         self.group = base.mp_group
         self.partition_sizes = tuple(base._partition_sizes)
         self.tp_index = base.tp_index
@@ -169,7 +183,8 @@ class _TPLoraLinear(LoraLinear):
 
     def delta_weight(self) -> torch.Tensor:
         """s·B·A restricted to this rank's shard of the base weight (for merge/unmerge)."""
-        return self.local_slice(super().delta_weight())
+        local = self.local_slice((self.lora_B.float() @ self.lora_A.float()) * self.scaling)
+        return local.T if self.fan_in_fan_out else local
 
 
 class ColumnParallelLoraLinear(_TPLoraLinear):
@@ -210,14 +225,24 @@ class RowParallelLoraLinear(_TPLoraLinear):
 def tp_lora_factory(base: nn.Module, config: LoraConfig) -> LoraLinear:
     """The `layer_factory` for inject_lora: a TP-aware LoRA layer for AutoTP linears."""
     column, row = _tp_classes()
-    if type(base) is row:
+    if type(base) in (row, Conv1DRowParallel):
         return RowParallelLoraLinear(base, config)
-    if type(base) is column:
+    sizes = getattr(base, "_subparam_sizes", None)  # AutoTP's fused layers: bloomtype has one
+    one_block = sizes is not None and len(sizes) == 1  # i.e. one contiguous block per rank
+    if type(base) is column or (isinstance(base, column) and one_block):
         return ColumnParallelLoraLinear(base, config)
+    if isinstance(base, Conv1DColumnParallel) and base._partition_sizes is not None:
+        return ColumnParallelLoraLinear(base, config)
+    if isinstance(base, Conv1DColumnParallel):
+        raise NotImplementedError(
+            "an ordinary LoRA on a head-split GPT-2 c_attn is not supported under TP; target "
+            "its slices ('c_attn[q,k,v]', what 'attn-all' does) or c_fc, c_proj"
+        )
     if isinstance(base, (column, row)):
         raise NotImplementedError(
-            f"LoRA on {type(base).__name__} (a sub-parameter/fused AutoTP layout) is not "
-            "supported; target plain q/k/v/o or gate/up/down projections instead"
+            f"an ordinary LoRA on {type(base).__name__} (a sub-parameter/fused AutoTP layout) "
+            "is not supported; for a fused QKV target its slices ('<module>[q,v]', as the attn "
+            "presets do), else plain q/k/v/o or gate/up/down projections"
         )
     return LoraLinear(base, config)
 
