@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from lora_dist.errors import ModelError
 
@@ -46,6 +47,12 @@ def save_model_dir(model: nn.Module, tokenizer: Any, out_dir: Path, dtype: torch
         tokenizer.save_pretrained(str(out_dir))
 
 
+def _is_causal_lm(architecture: str) -> bool:
+    """A class AutoModelForCausalLM builds (GPT-2's is GPT2LMHeadModel), or any *ForCausalLM."""
+    known = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.values()
+    return architecture.endswith("ForCausalLM") or architecture in known
+
+
 def check_model_dir(path: str | Path) -> Path:
     """`path` if it is a Hugging Face causal-LM directory; else a ModelError naming what is
     missing. Reads only small files: config.json and the names of the others."""
@@ -65,7 +72,7 @@ def check_model_dir(path: str | Path) -> Path:
     if not isinstance(config, dict) or not config.get("model_type"):
         raise ModelError(f'{what}: config.json has no model_type (e.g. "llama")')
     architectures = config.get("architectures") or []
-    if architectures and not any(a.endswith("ForCausalLM") for a in architectures):
+    if architectures and not any(map(_is_causal_lm, architectures)):
         raise ModelError(f"{what}: its architectures {architectures} include no *ForCausalLM")
     if not any(next(path.glob(p), None) for p in WEIGHT_PATTERNS):
         raise ModelError(f"{what}: it has no weights (model.safetensors or shards)")
