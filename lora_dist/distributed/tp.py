@@ -11,7 +11,9 @@ TP in the config both zero.Init's batch check and transformers' ZeRO-3 loader re
    (`DeepSpeedEngine._apply_autotp_partitioning`, the HF tp_plan / heuristic path) before
    injection. It gathers each ZeRO-3 partitioned weight once, keeps this rank's TP slice as an
    ordinary parameter, and marks the model `ds_autotp_parsed`, so the engine later skips its own
-   pass and ZeRO-3 partitions the TP slices over the data-parallel group only.
+   pass and ZeRO-3 partitions the TP slices over the data-parallel group only. GPT-2, which
+   AutoTP refuses, is split by heads by our own pass instead (lora_dist.distributed.tp_fused,
+   which also holds the slice LoRA for fused QKV shards).
 2. DeepSpeed builds its batch-size check before it creates the TP groups, so without an `mpu`
    it takes world size for data-parallel size. Passing `deepspeed.utils.groups` (whose TP/DP
    mesh we created here; ranks r and r+1 share a TP group, so dp_rank = rank // tp) fixes that.
