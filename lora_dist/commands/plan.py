@@ -22,7 +22,8 @@ from lora_dist.planning.memory import (
     ds_overrides,
     plan_memory,
 )
-from lora_dist.planning.shapes import PRESETS, ModelShape, load_shape
+from lora_dist.planning.presets import PRESETS, load_shape
+from lora_dist.planning.shapes import ModelShape
 from lora_dist.settings import existing_file
 
 Dtype = Literal["fp32", "bf16", "fp16"]

@@ -15,7 +15,7 @@ from lora_dist.planning.memory import (
     ZeroBuffers,
     plan_memory,
 )
-from lora_dist.planning.shapes import load_shape
+from lora_dist.planning.presets import load_shape
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:

@@ -12,7 +12,7 @@ from lora_dist.planning.memory import (
     activation_bytes,
     plan_memory,
 )
-from lora_dist.planning.shapes import PRESETS, load_shape
+from lora_dist.planning.presets import PRESETS, load_shape
 
 GPT3 = load_shape("gpt3-175b")
 

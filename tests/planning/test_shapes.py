@@ -6,12 +6,8 @@ import pytest
 import torch
 import transformers
 
-from lora_dist.planning.shapes import (
-    adapter_bytes,
-    load_shape,
-    lora_param_count,
-    shape_from_hf_config,
-)
+from lora_dist.planning.presets import load_shape
+from lora_dist.planning.shapes import adapter_bytes, lora_param_count, shape_from_hf_config
 
 GPT3 = load_shape("gpt3-175b")
 
