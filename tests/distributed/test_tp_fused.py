@@ -16,6 +16,7 @@ from lora_dist.models.tiny import train_tokenizer
 from lora_dist.planning.shapes import lora_param_count, shape_from_hf_config
 from tests import runs
 from tests.distributed.test_tp import LR, MAX_LENGTH, STEPS, assert_adapters_agree
+from tests.runs import TrainedRun
 from tests.tiny_models import tiny_fused
 
 CONFIGS = runs.REPO / "ds_configs"
@@ -111,15 +112,16 @@ def runs_tp1_tp2(request, model_dirs, tmp_path_factory):
 @pytest.mark.multirank
 def test_tp2_trains_like_tp1(runs_tp1_tp2):
     name, model_dir, tp1, tp2 = runs_tp1_tp2
-    m1, m2 = runs.metrics(tp1), runs.metrics(tp2)
+    r1, r2 = TrainedRun(tp1), TrainedRun(tp2)
+    m1, m2 = r1.metrics, r2.metrics
     assert (m2["tp"], m2["dp"], m1["tp"]) == (2, 1, 1) and m1["zero_stage"] == 3
-    l1, l2 = runs.losses(tp1), runs.losses(tp2)
+    l1, l2 = r1.train_losses, r2.train_losses
     assert sorted(l1) == sorted(l2) == list(range(1, STEPS + 1))
     for step in l1:
         assert l2[step] == pytest.approx(l1[step], rel=1e-4), step
     assert m2["dev_loss"] == pytest.approx(m1["dev_loss"], rel=1e-4)
     assert m1["dev_loss"] < m1["dev_loss_initial"]  # it trained: the comparison means something
-    a1, a2 = runs.adapter(tp1), runs.adapter(tp2)
+    a1, a2 = r1.adapter(), r2.adapter()
     assert_adapters_agree(a2, a1)
     assert max(v.abs().max().item() for k, v in a1.items() if "lora_B" in k) > 1e-4
     c1, c2 = (json.loads((o / "adapter" / "adapter_config.json").read_text()) for o in (tp1, tp2))
