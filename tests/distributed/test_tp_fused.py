@@ -22,8 +22,11 @@ from tests.tiny_models import tiny_fused
 CONFIGS = runs.REPO / "ds_configs"
 VOCAB = 1024  # the shipped SentencePiece tokenizer's
 IDS = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+# No dropout: a TP rank draws the attention-dropout mask of its own heads, so with dropout a
+# TP=2 run is a different (equally valid) sample than TP=1, not the same numbers.
+NO_DROPOUT = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
 FAMILIES = {
-    "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **IDS),
+    "gpt2": GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=128, **NO_DROPOUT, **IDS),
     "falcon": FalconConfig(  # Falcon-180B's layout: query heads grouped by KV head
         hidden_size=64,
         num_hidden_layers=2,
