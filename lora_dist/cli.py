@@ -24,6 +24,11 @@ COMMANDS: dict[str, str | dict[str, str]] = {
     "inspect": "lora_dist.commands.inspect",
     "eval": "lora_dist.commands.eval",
     "import-gguf": "lora_dist.commands.import_gguf",
+    "analyze": {
+        "spectrum": "lora_dist.commands.analyze.spectrum",
+        "similarity": "lora_dist.commands.analyze.similarity",
+        "amplification": "lora_dist.commands.analyze.amplification",
+    },
 }
 DEBUG_ENV = "LORA_DIST_DEBUG"
 

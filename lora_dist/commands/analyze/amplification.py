@@ -1,0 +1,91 @@
+"""How ΔW relates to W: Table 7's ||Uᵀ·W·Vᵀ||_F and the amplification factor, per module.
+
+For each adapted module (and row slice): ||ΔW||_F, ||W||_F, and W seen through k directions,
+||Uᵀ·W·Vhᵀ||_F, with U (out x k) and Vh (k x in) the top-k singular directions of ΔW, of W
+itself, or of a seeded random subspace; k is the adapter's rank unless --top says otherwise.
+The amplification factor is ||ΔW||_F / ||Uᵀ·W·Vhᵀ||_F with U, Vh from ΔW (21.5 in the paper for
+GPT-3's W_q at r=4). W is read from the base's safetensors one tensor at a time; W's own top-k
+comes from subspace iteration, never a d x d matrix.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from lora_dist.commands.analyze import emit
+from lora_dist.commands.options import Options, option
+from lora_dist.errors import ConfigError
+
+
+@dataclass
+class AmplificationOptions(Options):
+    """Settings of `lora-dist analyze amplification`."""
+
+    adapter: str = option(positional=True, metavar="ADAPTER")
+    """adapter directory (PEFT format), or a run or checkpoint directory holding adapter/"""
+    base: str = option()
+    """base model directory (safetensors, sharded or not) the adapter was trained on"""
+    output_dir: str | None = None
+    """write amplification.json and a PNG figure here; without it the JSON goes to stdout"""
+    modules: str | None = None
+    """analyse only the modules whose path matches this regular expression"""
+    slices: bool = True
+    """also report each row block of a block-structured (fused-slice) adapter on its own"""
+    top: int | None = None
+    """dimension k of the subspaces compared; default: each module's rank"""
+    seed: int = 0
+    """seed of the random subspaces (each target's draw depends on this and its name only)"""
+    tol: float = 1e-10
+    """stop W's subspace iteration when Σσ_i² (i <= k) changes by less than this, relative"""
+    max_iters: int = 200
+    """most rounds of W's subspace iteration (each reads W twice)"""
+
+    def validate(self) -> None:
+        if self.top is not None and self.top < 1:
+            raise ConfigError(f"--top must be at least 1, got {self.top}")
+        if self.max_iters < 1:
+            raise ConfigError(f"--max_iters must be at least 1, got {self.max_iters}")
+        if not self.tol > 0:
+            raise ConfigError(f"--tol must be positive, got {self.tol}")
+
+
+OPTIONS = AmplificationOptions
+
+
+def _draw(report: dict[str, Any], out: Path) -> list[Path]:
+    from lora_dist.analysis import figures
+
+    out.mkdir(parents=True, exist_ok=True)
+    return [figures.amplification_by_layer(report, out / "amplification_by_layer.png")]
+
+
+def run(opts: AmplificationOptions) -> int:
+    from lora_dist.analysis.base_weights import SafetensorsWeights
+    from lora_dist.analysis.reports import amplification_report
+    from lora_dist.analysis.updates import analysis_targets, read_updates
+
+    adapter = read_updates(opts.adapter, opts.modules)
+    report = amplification_report(
+        adapter,
+        analysis_targets(adapter.updates, opts.slices),
+        SafetensorsWeights(opts.base),
+        seed=opts.seed,
+        top=opts.top,
+        tol=opts.tol,
+        max_iters=opts.max_iters,
+        progress=lambda line: print(line, file=sys.stderr, flush=True),
+    )
+    columns = [
+        ("target", lambda r: r["name"]),
+        ("k", lambda r: r["k"]),
+        ("||dW||_F", lambda r: r["delta_frobenius_norm"]),
+        ("||W||_F", lambda r: r["w_frobenius_norm"]),
+        ("U,V of dW", lambda r: r["projection"]["delta"]),
+        ("U,V of W", lambda r: r["projection"]["w"]),
+        ("random", lambda r: r["projection"]["random"]),
+        ("amplification", lambda r: r["amplification"]),
+    ]
+    return emit(report, opts.output_dir, "amplification", _draw, columns)
