@@ -1,4 +1,4 @@
-"""Section 7 math (lora_dist.analysis.lowrank) against dense float64 and cases with known answers."""
+"""Section 7 math (lora_dist.analysis.lowrank) against dense float64 and known answers."""
 
 from __future__ import annotations
 
