@@ -1,7 +1,8 @@
 """`lora-dist analyze`: the paper's Section 7 questions asked of your own adapters.
 
-`spectrum`, `similarity` and `amplification` each build a report (lora_dist.analysis.reports)
-and either print it as JSON or write it with its PNG figures to --output_dir, printing a table.
+`spectrum`, `similarity` and `amplification` each build a report (lora_dist.analysis.reports),
+print it as a table (or, with --json, as one JSON object), and with --output_dir also write it
+as <command>.json next to its PNG figures.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from lora_dist.analysis.reports import write_json
 
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
@@ -39,20 +42,21 @@ def print_table(rows: list[dict[str, Any]], columns: list[Column]) -> None:
 
 def emit(
     report: dict[str, Any],
-    output_dir: str | None,
+    opts: Any,
     name: str,
     draw: Callable[[dict[str, Any], Path], list[Path]],
     columns: list[Column],
 ) -> int:
-    """Print the report as JSON, or write <name>.json and the figures and print a table."""
-    if output_dir is None:
+    """Print the report (a table, or JSON with opts.json); write it and its figures to
+    opts.output_dir when set."""
+    written = []
+    if opts.output_dir is not None:
+        out = Path(opts.output_dir)
+        written = [write_json(report, out / f"{name}.json"), *draw(report, out)]
+    if opts.json:
         json.dump(report, sys.stdout, indent=1)
         print()
         return 0
-    from lora_dist.analysis.reports import write_json
-
-    out = Path(output_dir)
-    written = [write_json(report, out / f"{name}.json"), *draw(report, out)]
     print_table(report["targets"], columns)
     for path in written:
         print(f"wrote {path}")

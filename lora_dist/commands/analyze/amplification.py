@@ -15,6 +15,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_dist.analysis import figures
+from lora_dist.analysis.base_weights import SafetensorsWeights
+from lora_dist.analysis.reports import amplification_report
+from lora_dist.analysis.updates import analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
@@ -29,7 +33,9 @@ class AmplificationOptions(Options):
     base: str = option()
     """base model directory (safetensors, sharded or not) the adapter was trained on"""
     output_dir: str | None = None
-    """write amplification.json and a PNG figure here; without it the JSON goes to stdout"""
+    """also write amplification.json and PNG figures to this directory"""
+    json: bool = False
+    """print the report as one JSON object instead of a table"""
     modules: str | None = None
     """analyse only the modules whose path matches this regular expression"""
     slices: bool = True
@@ -56,17 +62,11 @@ OPTIONS = AmplificationOptions
 
 
 def _draw(report: dict[str, Any], out: Path) -> list[Path]:
-    from lora_dist.analysis import figures
-
     out.mkdir(parents=True, exist_ok=True)
     return [figures.amplification_by_layer(report, out / "amplification_by_layer.png")]
 
 
 def run(opts: AmplificationOptions) -> int:
-    from lora_dist.analysis.base_weights import SafetensorsWeights
-    from lora_dist.analysis.reports import amplification_report
-    from lora_dist.analysis.updates import analysis_targets, read_updates
-
     adapter = read_updates(opts.adapter, opts.modules)
     report = amplification_report(
         adapter,
@@ -88,4 +88,4 @@ def run(opts: AmplificationOptions) -> int:
         ("random", lambda r: r["projection"]["random"]),
         ("amplification", lambda r: r["amplification"]),
     ]
-    return emit(report, opts.output_dir, "amplification", _draw, columns)
+    return emit(report, opts, "amplification", _draw, columns)

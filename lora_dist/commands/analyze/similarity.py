@@ -14,6 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from lora_dist.analysis import figures
+from lora_dist.analysis.reports import similarity_report
+from lora_dist.analysis.updates import analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
@@ -28,7 +31,9 @@ class SimilarityOptions(Options):
     adapter_2: str = option(positional=True, metavar="ADAPTER_2")
     """second adapter (e.g. r=64, or another seed), or a run directory holding adapter/"""
     output_dir: str | None = None
-    """write similarity.json and PNG figures here; without it the JSON goes to stdout"""
+    """also write similarity.json and PNG figures to this directory"""
+    json: bool = False
+    """print the report as one JSON object instead of a table"""
     modules: str | None = None
     """analyse only the modules whose path matches this regular expression"""
     slices: bool = True
@@ -56,10 +61,6 @@ def heatmap_layers(report: dict[str, Any], wanted: list[int]) -> list[int | None
 
 
 def run(opts: SimilarityOptions) -> int:
-    from lora_dist.analysis import figures
-    from lora_dist.analysis.reports import similarity_report
-    from lora_dist.analysis.updates import analysis_targets, read_updates
-
     first = read_updates(opts.adapter_1, opts.modules)
     second = read_updates(opts.adapter_2, opts.modules)
     report = similarity_report(
@@ -93,4 +94,4 @@ def run(opts: SimilarityOptions) -> int:
         ("mean phi(i,i)", lambda r: sum(r["phi_diagonal"]) / len(r["phi_diagonal"])),
         ("chance phi(1,1)", lambda r: r["expected_random_diagonal"][0]),
     ]
-    return emit(report, opts.output_dir, "similarity", draw, columns)
+    return emit(report, opts, "similarity", draw, columns)

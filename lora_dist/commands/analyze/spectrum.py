@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_dist.analysis import figures
+from lora_dist.analysis.reports import spectrum_report
+from lora_dist.analysis.updates import analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 
@@ -23,7 +26,9 @@ class SpectrumOptions(Options):
     adapter: str = option(positional=True, metavar="ADAPTER")
     """adapter directory (PEFT format), or a run or checkpoint directory holding adapter/"""
     output_dir: str | None = None
-    """write spectrum.json and PNG figures here; without it the JSON goes to stdout"""
+    """also write spectrum.json and PNG figures to this directory"""
+    json: bool = False
+    """print the report as one JSON object instead of a table"""
     modules: str | None = None
     """analyse only the modules whose path matches this regular expression"""
     slices: bool = True
@@ -34,8 +39,6 @@ OPTIONS = SpectrumOptions
 
 
 def _draw(report: dict[str, Any], out: Path) -> list[Path]:
-    from lora_dist.analysis import figures
-
     out.mkdir(parents=True, exist_ok=True)
     return [
         figures.norm_by_layer(report, out / "delta_norm_by_layer.png"),
@@ -44,9 +47,6 @@ def _draw(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def run(opts: SpectrumOptions) -> int:
-    from lora_dist.analysis.reports import spectrum_report
-    from lora_dist.analysis.updates import analysis_targets, read_updates
-
     adapter = read_updates(opts.adapter, opts.modules)
     report = spectrum_report(adapter, analysis_targets(adapter.updates, opts.slices))
     columns = [
@@ -58,4 +58,4 @@ def run(opts: SpectrumOptions) -> int:
         ("rank@90%", lambda r: r["effective_rank_90"]),
         ("rank@99%", lambda r: r["effective_rank_99"]),
     ]
-    return emit(report, opts.output_dir, "spectrum", _draw, columns)
+    return emit(report, opts, "spectrum", _draw, columns)

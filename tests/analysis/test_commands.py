@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lora_dist.cli import main
-from tests.analysis_cases import dense_spectrum, write_adapter
+from tests.analysis.cases import dense_spectrum, write_adapter
 from tests.tiny_models import tiny_llama
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -74,10 +74,14 @@ def test_similarity_and_amplification(case: dict, tmp_path: Path, capsys) -> Non
     assert is_png(out / "amplification_by_layer.png")
     capsys.readouterr()
 
-    # Without --output_dir the JSON is the whole of stdout.
-    assert main(["analyze", "spectrum", str(case["r8"]), "--modules", "layers\\.0\\."]) == 0
+    # --json prints the report as the whole of stdout; without it, a table.
+    argv = ["analyze", "spectrum", str(case["r8"]), "--modules", "layers\\.0\\."]
+    assert main([*argv, "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert {row["layer"] for row in printed["targets"]} == {0}
+    assert main(argv) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:2] == ["target", "rank"] and len(lines) == 3
 
 
 def test_mistakes_are_one_line_exit_2(case: dict, tmp_path: Path, capsys) -> None:

@@ -13,7 +13,7 @@ from lora_dist.analysis.base_weights import SafetensorsWeights
 from lora_dist.analysis.reports import amplification_report, similarity_report, spectrum_report
 from lora_dist.analysis.updates import LowRankUpdate, analysis_targets, read_updates, row_slices
 from lora_dist.errors import AdapterError, ModelError
-from tests.analysis_cases import (
+from tests.analysis.cases import (
     assert_row_matches,
     dense_spectrum,
     dense_table7,

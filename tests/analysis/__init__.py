@@ -1,0 +1,1 @@
+"""Tests of lora_dist.analysis and `lora-dist analyze`."""
