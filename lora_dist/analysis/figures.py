@@ -115,25 +115,34 @@ def similarity_heatmaps(report: dict[str, Any], layer: int | None, path: Path) -
     """φ(i, j) of every module kind at one layer (the paper's Figures 3 and 4)."""
     rows = [row for row in report["targets"] if row["layer"] == layer]
     randoms = {(r["rank_1"], r["rank_2"], r["dim"]): r["phi"] for r in report["random_reference"]}
-    zoom = any(row["rank_1"] != row["rank_2"] for row in rows)
+    zoom = any(len(row["phi"]) != len(row["phi"][0]) for row in rows)
     columns = 3 if zoom else 2
     fig = _figure(4.2 * columns, 3.4 * len(rows))
     axes = fig.subplots(len(rows), columns, squeeze=False)
-    names = ("adapter 1", "adapter 2")
+    names = (
+        _adapter_label(report["adapter_1"]["path"]),
+        _adapter_label(report["adapter_2"]["path"]),
+    )
     for ax_row, row in zip(axes, rows, strict=True):
         label = f"layer {layer}, {row['kind']}" if layer is not None else row["name"]
         xl, yl = f"j ({names[1]}, r={row['rank_2']})", f"i ({names[0]}, r={row['rank_1']})"
         _phi_panel(fig, ax_row[0], row["phi"], f"φ(i, j), {label}", xl, yl)
         if zoom:
-            n = min(row["rank_1"], row["rank_2"])
+            n = min(len(row["phi"]), len(row["phi"][0]))
             corner = [line[:n] for line in row["phi"][:n]]
             _phi_panel(fig, ax_row[1], corner, f"zoom i, j <= {n}", xl, yl)
-        rand = randoms[row["rank_1"], row["rank_2"], row["dim"]]
+        rand = randoms[len(row["phi"]), len(row["phi"][0]), row["dim"]]
         _phi_panel(fig, ax_row[-1], rand, f"two random Gaussian matrices (k={row['dim']})", xl, yl)
     factor = "A (input space)" if report["factor"] == "A" else "B (output space)"
     fig.suptitle(f"Subspace similarity of the top singular directions of {factor}")
     fig.savefig(path, dpi=120)
     return path
+
+
+def _adapter_label(path: str) -> str:
+    """An adapter's directory name, or its run's name for a run's adapter/ directory."""
+    p = Path(path)
+    return p.parent.name if p.name == "adapter" and p.parent.name else p.name
 
 
 def similarity_by_layer(report: dict[str, Any], path: Path) -> Path:
