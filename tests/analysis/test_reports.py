@@ -208,6 +208,15 @@ def test_similarity_matches_per_slice(tmp_path: Path) -> None:
     for i, j in ((1, 1), (2, 3), (4, 4)):
         want = float(torch.linalg.matrix_norm(v1[:i] @ v2[:j].T) ** 2 / min(i, j))
         assert sliced["phi"][i - 1][j - 1] == pytest.approx(want, abs=TOL)
+    # factor B: the left-singular vectors of B instead, directions in the output space.
+    t1, t2 = analysis_targets(first.updates), analysis_targets(second.updates)
+    by_b = {r["name"]: r for r in similarity_report(first, t1, second, t2, factor="B")["targets"]}
+    b1 = next(t for t in t1 if t.name == sliced["name"]).b
+    b2 = next(t for t in t2 if t.name == sliced["name"]).b
+    u1, u2 = torch.linalg.svd(b1).U, torch.linalg.svd(b2).U
+    want = float(torch.linalg.matrix_norm(u1[:, :2].T @ u2[:, :3]) ** 2 / 2)
+    assert by_b[sliced["name"]]["phi"][1][2] == pytest.approx(want, abs=TOL)
+    assert by_b[sliced["name"]]["dim"] == 32
     # An adapter against itself: every φ is 1, whole modules and slices alike.
     targets = analysis_targets(first.updates)
     for row in similarity_report(first, targets, first, targets)["targets"]:
