@@ -162,8 +162,7 @@ def markdown(s: dict[str, Any]) -> str:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     p.add_argument("--model", default=None, help="trainer --model (default: the trainer's default)")
-    p.add_argument("--base", default=None, help="base safetensors directory for amplification "
-                   "(default: the adapter's base_model_name_or_path)")  # fmt: skip
+    p.add_argument("--base", default=None, help="base for amplification (default: the adapters')")
     p.add_argument("--ds_config", default=str(DS_CONFIG))
     p.add_argument("--epochs", type=float, default=2.0)
     p.add_argument("--max_steps", type=int, default=None)
@@ -187,24 +186,23 @@ def main() -> int:
         print(f"{tag}: {runs[tag]}", file=sys.stderr, flush=True)
 
     adapter = {tag: str(a.work_dir / tag / "adapter") for tag in RUNS}
-    config = json.loads(Path(adapter["r8"], "adapter_config.json").read_text())
-    base = a.base or config["base_model_name_or_path"]
+    base = ["--base", a.base] if a.base else []  # default: the base the adapter names
     layer_flags = [f for layer in a.layers for f in ("--layers", str(layer))]
     jobs = {
         "spectrum_r8": ["spectrum", adapter["r8"]],
         "spectrum_r64": ["spectrum", adapter["r64"]],
         "similarity_r8_r64": ["similarity", adapter["r8"], adapter["r64"], *layer_flags],
         "similarity_seeds_r8": ["similarity", adapter["r8"], adapter["r8_seed1"], *layer_flags],
-        "amplification_r8": ["amplification", adapter["r8"], "--base", base],
-        "amplification_r64": ["amplification", adapter["r64"], "--base", base],
-        "amplification_r64_top8": ["amplification", adapter["r64"], "--base", base, "--top", "8"],
+        "amplification_r8": ["amplification", adapter["r8"], *base],
+        "amplification_r64": ["amplification", adapter["r64"], *base],
+        "amplification_r64_top8": ["amplification", adapter["r64"], *base, "--top", "8"],
     }
     reports = {
         name: analyze(*argv, "--output_dir", str(a.results / name)) for name, argv in jobs.items()
     }
     summary = summarize(reports, runs)
     summary["settings"] = {k: str(v) for k, v in vars(a).items()}
-    summary["base"] = base
+    summary["base"] = reports["amplification_r8"]["base"]
     (a.results / "section7.json").write_text(json.dumps(summary, indent=1) + "\n")
     (a.results / "summary.md").write_text(markdown(summary))
     print(markdown(summary))

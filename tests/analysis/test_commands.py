@@ -31,7 +31,13 @@ def case(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             for i in range(2)
             for p, out in (("q_proj", 32), ("v_proj", 16))
         }
-        paths[f"r{r}"] = write_adapter(tmp / f"r{r}" / "adapter", factors, r=r, lora_alpha=16)
+        paths[f"r{r}"] = write_adapter(
+            tmp / f"r{r}" / "adapter",
+            factors,
+            r=r,
+            lora_alpha=16,
+            base_model_name_or_path=str(tmp / "base") if r == 8 else "org/hub-model",
+        )
         paths[f"factors{r}"] = factors
     return paths
 
@@ -63,7 +69,7 @@ def test_similarity_and_amplification(case: dict, tmp_path: Path, capsys) -> Non
         assert is_png(tmp_path / f"{name}.png"), name
 
     out = tmp_path / "amp"
-    cmd = ["analyze", "amplification", str(case["r8"]), "--base", str(case["base"])]
+    cmd = ["analyze", "amplification", str(case["r8"])]  # the base the adapter names
     assert main([*cmd, "--output_dir", str(out), "--modules", "q_proj", "--top", "2"]) == 0
     report = json.loads((out / "amplification.json").read_text())
     assert [row["name"] for row in report["targets"]] == [
@@ -90,6 +96,7 @@ def test_mistakes_are_one_line_exit_2(case: dict, tmp_path: Path, capsys) -> Non
         ["analyze", "similarity", str(case["r4"]), str(case["r8"]), "--layers", "7",
          "--output_dir", str(tmp_path)],
         ["analyze", "amplification", str(case["r4"]), "--base", str(tmp_path)],
+        ["analyze", "amplification", str(case["r4"])],  # names a hub id as its base
         ["analyze", "amplification", str(case["r4"]), "--base", str(case["base"]), "--top", "0"],
         ["analyze", "spectrum", str(case["r4"]), "--modules", "no_such_module"],
     ]  # fmt: skip

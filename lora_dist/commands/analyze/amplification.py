@@ -18,10 +18,11 @@ from typing import Any
 from lora_dist.analysis import figures
 from lora_dist.analysis.base_weights import SafetensorsWeights
 from lora_dist.analysis.reports import amplification_report
-from lora_dist.analysis.updates import analysis_targets, read_updates
+from lora_dist.analysis.updates import AdapterUpdates, analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
+from lora_dist.models import BUILTIN, resolve_model_dir
 
 
 @dataclass
@@ -30,8 +31,10 @@ class AmplificationOptions(Options):
 
     adapter: str = option(positional=True, metavar="ADAPTER")
     """adapter directory (PEFT format), or a run or checkpoint directory holding adapter/"""
-    base: str = option()
-    """base model directory (safetensors, sharded or not) the adapter was trained on"""
+    base: str | None = None
+    """the base the adapter was trained on: a directory of safetensors (sharded or not), or a
+    built-in model name (smollm2-135m-instruct, tiny); default: the adapter's
+    base_model_name_or_path"""
     output_dir: str | None = None
     """also write amplification.json and PNG figures to this directory"""
     json: bool = False
@@ -66,12 +69,25 @@ def _draw(report: dict[str, Any], out: Path) -> list[Path]:
     return [figures.amplification_by_layer(report, out / "amplification_by_layer.png")]
 
 
+def base_weights(base: str | None, adapter: AdapterUpdates) -> SafetensorsWeights:
+    """--base, or the base the adapter names, as safetensors read by tensor name."""
+    if base is None:
+        named = adapter.config.get("base_model_name_or_path")
+        if named not in BUILTIN and not (named and Path(named).is_dir()):
+            raise ConfigError(
+                f"{adapter.path} names its base as {named!r}, which is not a local directory "
+                "or a built-in model: pass --base DIR"
+            )
+        base = named
+    return SafetensorsWeights(resolve_model_dir(base) if base in BUILTIN else base)
+
+
 def run(opts: AmplificationOptions) -> int:
     adapter = read_updates(opts.adapter, opts.modules)
     report = amplification_report(
         adapter,
         analysis_targets(adapter.updates, opts.slices),
-        SafetensorsWeights(opts.base),
+        base_weights(opts.base, adapter),
         seed=opts.seed,
         top=opts.top,
         tol=opts.tol,
