@@ -132,7 +132,7 @@ def top_singular_subspace(
     shape: tuple[int, int],
     k: int,
     generator: torch.Generator,
-    tol: float = 1e-12,
+    tol: float = 1e-10,
     max_iters: int = 200,
 ) -> TopSubspace:
     """Top-k singular triplets of W (m x n), known only through W·X and Wᵀ·Y.

@@ -187,7 +187,7 @@ def amplification_report(
     base: SafetensorsWeights,
     seed: int = 0,
     top: int | None = None,
-    tol: float = 1e-12,
+    tol: float = 1e-10,
     max_iters: int = 200,
     progress: Progress = None,
 ) -> dict[str, Any]:
