@@ -28,7 +28,6 @@ import socket
 import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -43,22 +42,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(out: Path, rank: int, seed: int, common: list[str]) -> float:
-    """One trainer run into `out` (skipped when it already finished); returns its seconds."""
+def train(out: Path, rank: int, seed: int, common: list[str]) -> None:
+    """One trainer run into `out`, skipped when it already finished."""
     if (out / "adapter" / "adapter_config.json").is_file() and (out / "metrics.json").is_file():
-        return 0.0
+        return
     out.mkdir(parents=True, exist_ok=True)
     cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
     cmd += ["--master_port", str(free_port()), str(REPO / "launcher" / "train.py"), *common]
     cmd += ["--lora_targets", "attn", "--lora_r", str(rank), "--seed", str(seed)]
     cmd += ["--output_dir", str(out)]
     env = {**os.environ, "LORA_DIST_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
-    started = time.perf_counter()
     with open(out.with_suffix(".log"), "w") as log:
         done = subprocess.run(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
     if done.returncode != 0:
         raise SystemExit(f"training {out.name} failed ({done.returncode}); see {log.name}")
-    return time.perf_counter() - started
 
 
 def analyze(*argv: str) -> dict[str, Any]:
@@ -179,10 +176,11 @@ def main() -> int:
     common += ["--max_steps", str(a.max_steps)] if a.max_steps else []
     runs: dict[str, dict] = {}
     for tag, (rank, seed) in RUNS.items():
-        seconds = train(a.work_dir / tag, rank, seed, common)
+        train(a.work_dir / tag, rank, seed, common)
         metrics = json.loads((a.work_dir / tag / "metrics.json").read_text())
-        runs[tag] = {"rank": rank, "seed": seed, "train_seconds": seconds}
-        runs[tag].update({k: metrics.get(k) for k in ("steps", "dev_loss_initial", "dev_loss")})
+        runs[tag] = {"rank": rank, "seed": seed}
+        kept = ("steps", "elapsed_s", "trainable_params", "dev_loss_initial", "dev_loss")
+        runs[tag].update({k: metrics.get(k) for k in kept})
         print(f"{tag}: {runs[tag]}", file=sys.stderr, flush=True)
 
     adapter = {tag: str(a.work_dir / tag / "adapter") for tag in RUNS}

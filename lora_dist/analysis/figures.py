@@ -19,10 +19,14 @@ from typing import Any
 Row = dict[str, Any]
 
 
+SHARE_FLOOR = 1e-4  # shares below this are drawn as this
+MAX_WIDTH = 14.0  # inches: wide enough for 100 layers' labels, narrow enough to read
+
+
 def _figure(width: float, height: float):
     from matplotlib.figure import Figure
 
-    return Figure(figsize=(width, height), layout="constrained")
+    return Figure(figsize=(min(width, MAX_WIDTH), height), layout="constrained")
 
 
 def _kinds(rows: list[Row]) -> list[str]:
@@ -68,7 +72,10 @@ def norm_by_layer(report: dict[str, Any], path: Path) -> Path:
 
 
 def spectrum_heatmap(report: dict[str, Any], path: Path) -> Path:
-    """Per kind: layers x singular index, the share σ_i²/Σσ², white dots at the 90% rank."""
+    """Per kind: layers x singular index, the share σ_i²/Σσ² on a log scale (a trained ΔW
+    puts most of its energy in σ_1), white dots at the 90% rank."""
+    from matplotlib.colors import LogNorm
+
     rows = report["targets"]
     kinds, layers, table = _kinds(rows), _layers(rows), _by(rows)
     fig = _figure(4.2 * len(kinds), 1.2 + 0.22 * len(layers))
@@ -82,16 +89,17 @@ def spectrum_heatmap(report: dict[str, Any], path: Path) -> Path:
                 continue
             total = sum(s * s for s in row["singular_values"]) or 1.0
             for x, s in enumerate(row["singular_values"]):
-                grid[y][x] = s * s / total
+                grid[y][x] = max(s * s / total, SHARE_FLOOR)
             ax.plot(row["effective_rank_90"] - 1, y, "o", color="white", markersize=3)
-        image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, origin="lower")
+        norm = LogNorm(vmin=SHARE_FLOOR, vmax=1)
+        image = ax.imshow(grid, aspect="auto", cmap="viridis", norm=norm, origin="lower")
         ax.set_title(f"{kind}: share of ||ΔW||_F² per σ_i", fontsize="medium")
         ax.set_xlabel("singular value i")
         ax.set_ylabel("layer")
         ax.set_yticks(range(len(layers)), ["-" if la is None else str(la) for la in layers])
         ax.set_xticks(_ticks(rank), [str(t + 1) for t in _ticks(rank)])
         fig.colorbar(image, ax=ax, shrink=0.8)
-    fig.suptitle("Spectrum of ΔW (dots: rank holding 90% of the energy)")
+    fig.suptitle("Spectrum of ΔW, log colour scale (dots: rank holding 90% of the energy)")
     fig.savefig(path, dpi=120)
     return path
 
