@@ -184,7 +184,7 @@ def main() -> int:
         print(f"{tag}: {runs[tag]}", file=sys.stderr, flush=True)
 
     adapter = {tag: str(a.work_dir / tag / "adapter") for tag in RUNS}
-    base = ["--base", a.base] if a.base else []  # default: the base the adapter names
+    base = ["--model", a.base] if a.base else []  # default: the base the adapter names
     layer_flags = [f for layer in a.layers for f in ("--layers", str(layer))]
     jobs = {
         "spectrum_r8": ["spectrum", adapter["r8"]],

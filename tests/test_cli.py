@@ -20,18 +20,31 @@ from lora_dist import cli
 from lora_dist.settings import attribute_docs
 from tests import runs
 
-COMMANDS = sorted(cli.COMMANDS)
+
+def _modules(table: dict, prefix: str = "") -> dict[str, str]:
+    """{"train": module, "analyze spectrum": module, ...}: groups become two-word commands."""
+    out = {}
+    for name, target in table.items():
+        if isinstance(target, dict):
+            out.update(_modules(target, f"{prefix}{name} "))
+        else:
+            out[f"{prefix}{name}"] = target
+    return out
+
+
+MODULES = _modules(cli.COMMANDS)
+COMMANDS = sorted(MODULES)
 
 
 def options_of(command: str) -> type:
-    return importlib.import_module(cli.COMMANDS[command]).OPTIONS
+    return importlib.import_module(MODULES[command]).OPTIONS
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_shows_every_flag_with_its_text(command, capsys, monkeypatch) -> None:
     monkeypatch.setenv("COLUMNS", "1000")  # one line per flag
     with pytest.raises(SystemExit) as stop:
-        cli.main([command, "--help"])
+        cli.main([*command.split(), "--help"])
     assert stop.value.code == 0
     text = " ".join(capsys.readouterr().out.split())
     docs = attribute_docs(options_of(command))
@@ -130,6 +143,18 @@ BAD = [
     ("import-gguf {missing} {tmp}/out", "missing"),
     ("import-gguf {file} {tmp}/out --dtype fp8", "invalid choice: 'fp8'"),
     ("import-gguf {file}", "OUT_DIR"),
+    ("analyze spectrum {missing}", "ADAPTER /"),
+    ("analyze spectrum {tmp} --output_dir {file}", "--output_dir"),
+    ("analyze similarity {tmp}", "ADAPTER_2"),
+    ("analyze similarity {tmp} {missing}", "ADAPTER_2 /"),
+    ("analyze similarity {tmp} {tmp} --factor C", "invalid choice: 'C'"),
+    ("analyze similarity {tmp} {tmp} --layers one", "invalid int value: 'one'"),
+    ("analyze similarity {tmp} {tmp} --seed -1", "--seed must be at least 0"),
+    ("analyze amplification {missing}", "ADAPTER /"),
+    ("analyze amplification {tmp} --model {missing}", "--model"),
+    ("analyze amplification {tmp} --top 0", "--top must be at least 1"),
+    ("analyze amplification {tmp} --tol 0", "--tol must be greater than 0"),
+    ("analyze amplification {tmp} --max_iters 0", "--max_iters must be at least 1"),
 ]
 
 
@@ -146,7 +171,8 @@ def test_a_bad_value_is_one_line_and_exit_2(argv, fragment, tmp_path, capsys) ->
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1, err
-    assert lines[0].startswith(f"lora-dist {args[0]}: error: ") and fragment in lines[0], lines[0]
+    command = " ".join(args[:2] if isinstance(cli.COMMANDS[args[0]], dict) else args[:1])
+    assert lines[0].startswith(f"lora-dist {command}: error: ") and fragment in lines[0], lines[0]
     assert not dist.is_initialized()  # refused before any process group (or model) was set up
 
 

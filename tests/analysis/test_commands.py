@@ -97,7 +97,7 @@ def test_mistakes_are_one_line_exit_2(case: dict, tmp_path: Path, capsys) -> Non
          "--output_dir", str(tmp_path)],
         ["analyze", "amplification", str(case["r4"]), "--base", str(tmp_path)],
         ["analyze", "amplification", str(case["r4"])],  # names a hub id as its base
-        ["analyze", "amplification", str(case["r4"]), "--base", str(case["base"]), "--top", "0"],
+        ["analyze", "amplification", str(case["r4"]), "--model", str(case["base"]), "--top", "0"],
         ["analyze", "spectrum", str(case["r4"]), "--modules", "no_such_module"],
     ]  # fmt: skip
     for argv in cases:

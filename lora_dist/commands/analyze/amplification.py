@@ -23,6 +23,7 @@ from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
 from lora_dist.models import BUILTIN, resolve_model_dir
+from lora_dist.settings import existing_dir, output_dir
 
 
 @dataclass
@@ -31,9 +32,9 @@ class AmplificationOptions(Options):
 
     adapter: str = option(positional=True, metavar="ADAPTER")
     """adapter directory (PEFT format), or a run or checkpoint directory holding adapter/"""
-    base: str | None = None
-    """the base the adapter was trained on: a directory of safetensors (sharded or not), or a
-    built-in model name (smollm2-135m-instruct, tiny); default: the adapter's
+    model: str | None = option(None, aliases=("--base",))
+    """the base model the adapter was trained on: a directory of safetensors (sharded or not),
+    or a built-in name (smollm2-135m-instruct, tiny); default: the adapter's
     base_model_name_or_path"""
     output_dir: str | None = None
     """also write amplification.json and PNG figures to this directory"""
@@ -43,22 +44,24 @@ class AmplificationOptions(Options):
     """analyse only the modules whose path matches this regular expression"""
     slices: bool = True
     """also report each row block of a block-structured (fused-slice) adapter on its own"""
-    top: int | None = None
+    top: int | None = option(None, minimum=1)
     """dimension k of the subspaces compared; default: each module's rank"""
-    seed: int = 0
+    seed: int = option(0, minimum=0)
     """seed of the random subspaces (each target's draw depends on this and its name only)"""
-    tol: float = 1e-10
+    tol: float = option(1e-10, above=0)
     """stop W's subspace iteration when Σσ_i² (i <= k) changes by less than this, relative"""
-    max_iters: int = 200
+    max_iters: int = option(200, minimum=1)
     """most rounds of W's subspace iteration (each reads W twice)"""
 
     def validate(self) -> None:
-        if self.top is not None and self.top < 1:
-            raise ConfigError(f"--top must be at least 1, got {self.top}")
-        if self.max_iters < 1:
-            raise ConfigError(f"--max_iters must be at least 1, got {self.max_iters}")
-        if not self.tol > 0:
-            raise ConfigError(f"--tol must be positive, got {self.tol}")
+        existing_dir("ADAPTER", self.adapter)
+        if self.model is not None and self.model not in BUILTIN and not Path(self.model).exists():
+            raise ConfigError(
+                f"--model {self.model} does not exist; pass the base model's directory or one of "
+                f"{', '.join(BUILTIN)}"
+            )
+        if self.output_dir is not None:
+            output_dir("--output_dir", self.output_dir)
 
 
 OPTIONS = AmplificationOptions
@@ -70,13 +73,13 @@ def _draw(report: dict[str, Any], out: Path) -> list[Path]:
 
 
 def base_weights(base: str | None, adapter: AdapterUpdates) -> SafetensorsWeights:
-    """--base, or the base the adapter names, as safetensors read by tensor name."""
+    """--model, or the base the adapter names, as safetensors read by tensor name."""
     if base is None:
         named = adapter.config.get("base_model_name_or_path")
         if named not in BUILTIN and not (named and Path(named).is_dir()):
             raise ConfigError(
                 f"{adapter.path} names its base as {named!r}, which is not a local directory "
-                "or a built-in model: pass --base DIR"
+                "or a built-in model: pass --model DIR"
             )
         base = named
     return SafetensorsWeights(resolve_model_dir(base) if base in BUILTIN else base)
@@ -87,7 +90,7 @@ def run(opts: AmplificationOptions) -> int:
     report = amplification_report(
         adapter,
         analysis_targets(adapter.updates, opts.slices),
-        base_weights(opts.base, adapter),
+        base_weights(opts.model, adapter),
         seed=opts.seed,
         top=opts.top,
         tol=opts.tol,

@@ -20,6 +20,7 @@ from lora_dist.analysis.updates import analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
+from lora_dist.settings import existing_dir, output_dir
 
 
 @dataclass
@@ -42,8 +43,14 @@ class SimilarityOptions(Options):
     """A: right-singular vectors of A, as the paper; B: left-singular vectors of B"""
     layers: list[int] = option([])
     """draw the φ heatmaps of these layers (repeat the flag); default: the middle layer"""
-    seed: int = 0
+    seed: int = option(0, minimum=0)
     """seed of the two random Gaussian matrices drawn next to each heatmap"""
+
+    def validate(self) -> None:
+        existing_dir("ADAPTER_1", self.adapter_1)
+        existing_dir("ADAPTER_2", self.adapter_2)
+        if self.output_dir is not None:
+            output_dir("--output_dir", self.output_dir)
 
 
 OPTIONS = SimilarityOptions

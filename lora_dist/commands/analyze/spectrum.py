@@ -17,6 +17,7 @@ from lora_dist.analysis.reports import spectrum_report
 from lora_dist.analysis.updates import analysis_targets, read_updates
 from lora_dist.commands.analyze import emit
 from lora_dist.commands.options import Options, option
+from lora_dist.settings import existing_dir, output_dir
 
 
 @dataclass
@@ -33,6 +34,11 @@ class SpectrumOptions(Options):
     """analyse only the modules whose path matches this regular expression"""
     slices: bool = True
     """also report each row block of a block-structured (fused-slice) adapter on its own"""
+
+    def validate(self) -> None:
+        existing_dir("ADAPTER", self.adapter)
+        if self.output_dir is not None:
+            output_dir("--output_dir", self.output_dir)
 
 
 OPTIONS = SpectrumOptions
