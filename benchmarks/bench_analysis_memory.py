@@ -231,7 +231,7 @@ def main() -> None:
 
     def analyse(tag: str, extra: list[str]) -> dict:
         """One child process running the analysis; its RSS after imports, peak and report."""
-        argv = ["analyze", "amplification", str(work / "adapter"), "--base", str(work / "model")]
+        argv = ["analyze", "amplification", str(work / "adapter"), "--model", str(work / "model")]
         argv += ["--output_dir", str(work / tag), "--max_iters", str(args.max_iters), *extra]
         cmd = [sys.executable, __file__, "--child", *argv]
         proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
