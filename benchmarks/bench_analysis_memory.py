@@ -186,7 +186,7 @@ def child(argv: list[str]) -> None:
     import matplotlib.figure  # noqa: F401  (imported by the command; counted in the baseline)
     import torch  # noqa: F401
 
-    import lora_dist.analysis.reports  # noqa: F401
+    import lora_dist.commands.analyze.amplification  # noqa: F401  (the command and its imports)
     from lora_dist.cli import main
 
     baseline = status_kib("VmRSS")
