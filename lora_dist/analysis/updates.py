@@ -53,6 +53,10 @@ class LowRankUpdate:
     """The module's output rows this update covers, ascending; None: all of them."""
     slice_index: int | None = None
     """Which block of a block-structured B this is (0, 1, ...); None for a whole module."""
+    slice_name: str | None = None
+    """The slice a lora-dist export says this block is (q, k or v), when it says so."""
+    slice_names: tuple[str, ...] = ()
+    """For a whole fused module: the slices lora_dist.json records for it, in column order."""
 
     @property
     def rank(self) -> int:
@@ -69,7 +73,8 @@ class LowRankUpdate:
             return self.module
         runs = row_runs(self.rows)
         if len(runs) > 3:  # interleaved per head: name the block, count its rows
-            return f"{self.module}[block {self.slice_index}: {len(self.rows)} rows]"
+            label = self.slice_name or f"block {self.slice_index}"
+            return f"{self.module}[{label}: {len(self.rows)} rows]"
         return f"{self.module}[{','.join(f'{a}:{b}' for a, b in runs)}]"
 
     @property
@@ -82,7 +87,9 @@ class LowRankUpdate:
     def kind(self) -> str:
         """The module's own name (q_proj, c_attn), with the slice index for a slice."""
         leaf = self.module.rsplit(".", 1)[-1]
-        return leaf if self.slice_index is None else f"{leaf}[{self.slice_index}]"
+        if self.slice_index is None:
+            return leaf
+        return f"{leaf}[{self.slice_name or self.slice_index}]"
 
     def describe(self) -> dict[str, Any]:
         """What identifies this update in a report."""
@@ -172,6 +179,7 @@ def read_updates(path: str | Path, modules: str | None = None) -> AdapterUpdates
         adapter_dir = adapter_files.resolve_adapter_dir(path)
         cfg = read_analysis_config(adapter_dir)
         weights = adapter_files.read_adapter_weights(adapter_dir)
+        fused = adapter_files.read_meta(adapter_dir).get("fused_slices", {})
     except adapter_files.AdapterError as exc:  # the loader's own error class is not a UserError
         raise AdapterError(str(exc)) from exc
     pairs: dict[str, dict[str, Tensor]] = {}
@@ -205,6 +213,7 @@ def read_updates(path: str | Path, modules: str | None = None) -> AdapterUpdates
                 scale=module_scale(cfg, module, int(a.shape[0])),
                 out_features=int(b.shape[0]),
                 fan_in_fan_out=bool(cfg.get("fan_in_fan_out", False)),
+                slice_names=_recorded_slices(fused, module),
             )
         )
     if not updates:
@@ -213,6 +222,14 @@ def read_updates(path: str | Path, modules: str | None = None) -> AdapterUpdates
             + (f" on modules matching {modules!r}" if modules else "")
         )
     return AdapterUpdates(adapter_dir, cfg, updates, sorted(ignored))
+
+
+def _recorded_slices(fused: dict[str, list[str]], module: str) -> tuple[str, ...]:
+    """The slices lora_dist.json records for `module` (keyed by target name), or ()."""
+    for target, names in fused.items():
+        if module == target or module.endswith("." + target):
+            return tuple(names)
+    return ()
 
 
 def _column_blocks(nonzero: Tensor) -> list[list[int]]:
@@ -237,12 +254,23 @@ def _column_blocks(nonzero: Tensor) -> list[list[int]]:
     return blocks
 
 
+def _slice_name(update: LowRankUpdate, cols: list[int]) -> str | None:
+    """q, k or v when lora_dist.json names the slices and `cols` are exactly one slice's block
+    of B's columns (a lora-dist export puts slice i in columns i·r to (i+1)·r)."""
+    names = update.slice_names
+    if not names or update.rank % len(names):
+        return None
+    r = update.rank // len(names)
+    first = cols[0] // r
+    return names[first] if cols == list(range(first * r, (first + 1) * r)) else None
+
+
 def row_slices(update: LowRankUpdate) -> list[LowRankUpdate]:
     """The row blocks of a block-structured B (a fused-slice adapter), or [] if B is one block.
 
     Each block is the columns of B linked by shared non-zero rows and the rows they touch; its
     update scale·B[rows, cols]·A[cols] equals ΔW restricted to those rows exactly. Blocks are
-    numbered by their first row.
+    numbered by their first row, and named q, k or v where the adapter's lora_dist.json says.
     """
     nonzero = update.b != 0
     blocks = _column_blocks(nonzero)
@@ -263,6 +291,7 @@ def row_slices(update: LowRankUpdate) -> list[LowRankUpdate]:
             fan_in_fan_out=update.fan_in_fan_out,
             rows=rows,
             slice_index=index,
+            slice_name=_slice_name(update, cols),
         )
         for index, (_, rows, cols) in enumerate(found)
     ]
