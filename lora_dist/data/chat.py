@@ -44,11 +44,12 @@ PLAIN_TEMPLATE = (
     "{% for m in messages %}"
     "{% if m['role'] == 'system' %}{{ m['content'] }}\n\n"
     "{% elif m['role'] == 'user' %}User: {{ m['content'] }}\n\n"
-    "{% else %}Assistant: {{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
+    "{% else %}Assistant:\n{{ m['content'] }}{{ eos_token }}\n\n{% endif %}"
     "{% endfor %}"
-    "{% if add_generation_prompt %}Assistant: {% endif %}"
+    "{% if add_generation_prompt %}Assistant:\n{% endif %}"
 )
-"""The fallback for a model without a chat template: `User: ...`, `Assistant: ...` + EOS."""
+"""The fallback for a model without a chat template: BOS, the system text, then `User: ...`
+and `Assistant:` + newline + answer + EOS, turns separated by blank lines."""
 _MARK = "\ue000{}\ue001"  # private-use code points: no template writes them
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
 _PROBE = [
@@ -203,12 +204,14 @@ class ChatRenderer:
         if pos < len(r.text):
             segments.append((pos, len(r.text), False))
         texts = [r.text[a:b] for a, b, special in segments if not special]
-        enc = self.tokenizer(
-            texts,
-            add_special_tokens=False,
-            split_special_tokens=True,
-            return_offsets_mapping=True,
-        )
+        enc: Any = {"input_ids": [], "offset_mapping": []}
+        if texts:
+            enc = self.tokenizer(
+                texts,
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
         j = 0
@@ -223,6 +226,8 @@ class ChatRenderer:
         return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
 
     def _tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not rendered:
+            return []
         enc = self.tokenizer(
             [r.text for r in rendered], add_special_tokens=False, return_offsets_mapping=True
         )
