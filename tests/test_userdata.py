@@ -1,0 +1,279 @@
+"""Users' own files: every format loads, bad rows name file and line, dev splits, the
+over-length rule, the tokenization cache, and packed batches on a tiny model."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+import torch
+
+from lora_dist.data.batches import ExampleBatches, PackedBatches
+from lora_dist.data.chat import IGNORE_INDEX, ChatRenderer
+from lora_dist.data.reading import read_rows
+from lora_dist.data.userdata import DataSpec, prepare_user_data
+from lora_dist.errors import DataError
+from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
+from tests.tiny_models import tiny_llama
+
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+    {"instruction": "Say hi.", "input": "", "output": "hi"},
+]
+ALPACA_MESSAGES = [
+    [
+        {"role": "user", "content": "Add the numbers.\n\n2 and 2"},
+        {"role": "assistant", "content": "4"},
+    ],
+    [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
+]
+COMPLETIONS = {"prompt": ["2+2=", "Capital of France:"], "completion": ["4", " Paris <|im_end|>"]}
+SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
+GOOD = {"messages": CONVERSATIONS[0][1:3]}
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return smollm2_tokenizer()
+
+
+def _spec(train: Path | str, **kw) -> DataSpec:
+    return DataSpec(train=str(train), **kw)
+
+
+def _tokens(split) -> list[tuple[list[int], list[int]]]:
+    return [(ex["input_ids"], ex["labels"]) for ex in split.tokens]
+
+
+def test_every_format_loads(tmp_path: Path, tok) -> None:
+    chat = ChatRenderer(tok)
+    want_chat = [(i.tolist(), lab.tolist()) for i, lab in chat.encode(CONVERSATIONS)]
+    sharegpt = [
+        {"conversations": [{"from": SHAREGPT_ROLE[m["role"]], "value": m["content"]} for m in c]}
+        for c in CONVERSATIONS
+    ]
+    sharegpt_file = tmp_path / "sharegpt.json"
+    sharegpt_file.write_text(
+        datasets.Dataset.from_list(sharegpt).to_pandas().to_json(orient="records", indent=1)
+    )
+    alpaca_file = tmp_path / "alpaca.parquet"
+    datasets.Dataset.from_list(ALPACA).to_parquet(str(alpaca_file))
+    saved = tmp_path / "completion_saved"
+    datasets.Dataset.from_dict(COMPLETIONS).save_to_disk(str(saved))
+    arrow_file = next(saved.glob("*.arrow"))
+    cases = {
+        "messages": write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS]),
+        "sharegpt": sharegpt_file,
+        "alpaca": alpaca_file,
+        "completion": arrow_file,
+    }
+    cache = tmp_path / "cache"
+    for fmt, path in cases.items():
+        data = prepare_user_data(_spec(path), tok, cache)
+        assert data.fmt == fmt, path
+        if fmt in ("messages", "sharegpt"):
+            assert _tokens(data.train) == want_chat
+        elif fmt == "alpaca":
+            want = [(i.tolist(), lab.tolist()) for i, lab in chat.encode(ALPACA_MESSAGES)]
+            assert _tokens(data.train) == want
+    # save_to_disk directory and its Arrow file: the same rows; BOS + prompt + completion + EOS,
+    # loss on completion + EOS, the literal <|im_end|> in the completion stays text
+    from_dir = prepare_user_data(_spec(saved), tok, cache)
+    from_file = prepare_user_data(_spec(arrow_file), tok, cache)
+    assert _tokens(from_dir.train) == _tokens(from_file.train)
+    kw = {"add_special_tokens": False, "split_special_tokens": True}
+    for (ids, labels), p, c in zip(_tokens(from_dir.train), *COMPLETIONS.values(), strict=True):
+        p_ids, c_ids = tok(p, **kw)["input_ids"], tok(c, **kw)["input_ids"]
+        assert ids == [tok.bos_token_id, *p_ids, *c_ids, tok.eos_token_id]
+        assert labels == [IGNORE_INDEX] * (1 + len(p_ids)) + c_ids + [tok.eos_token_id]
+    assert ids.count(tok.eos_token_id) == 1
+
+
+def test_format_is_detected_or_forced(tmp_path: Path, tok) -> None:
+    both = write_jsonl(tmp_path / "both.jsonl", [{**GOOD, "prompt": "p", "completion": "c"}])
+    with pytest.raises(DataError, match="fit several formats.*--data_format"):
+        read_rows(str(both), tmp_path / "cache")
+    assert read_rows(str(both), tmp_path / "cache", fmt="completion").fmt == "completion"
+    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
+    with pytest.raises(DataError, match="cannot tell the data format.*--data_format"):
+        read_rows(str(odd), tmp_path / "cache")
+
+
+BAD_CASES = {  # name: (rows, {1-based line: raw text}, the line and kind the error must name)
+    "malformed": ([GOOD, GOOD], {2: "", 3: '{"messages": [}'}, 3, "malformed_json"),
+    "unknown_role": (
+        [GOOD, {"messages": [{"role": "robot", "content": "x"}]}],
+        {2: "   "},
+        3,
+        "unknown_role",
+    ),
+    "missing": ([GOOD, {"messages": [{"role": "user"}]}], {}, 2, "missing_field"),
+    "empty_answer": (
+        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
+        {},
+        1,
+        "empty_assistant",
+    ),
+    "no_answer": ([GOOD, {"messages": [{"role": "user", "content": "hi"}]}], {}, 2, "no_assistant"),
+    "wrong_type": ([GOOD, GOOD, {"messages": "hello"}], {}, 3, "wrong_type"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_CASES))
+def test_bad_rows_fail_with_file_and_line(tmp_path: Path, name: str) -> None:
+    rows, raw, line, kind = BAD_CASES[name]
+    path = write_jsonl(tmp_path / f"{name}.jsonl", rows, raw)
+    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: {kind}:") + ".*--skip_bad_rows"):
+        read_rows(str(path), tmp_path / "cache")
+
+
+def test_bad_rows_in_json_arrays_and_parquet(tmp_path: Path) -> None:
+    array = tmp_path / "rows.json"
+    array.write_text(
+        '[\n  {"messages": [{"role": "user", "content": "a"},\n'
+        '                {"role": "assistant", "content": "b"}]},\n'
+        '  {"messages": [\n    {"role": "user", "content": "a"}\n  ]}\n]\n'
+    )
+    with pytest.raises(DataError, match=re.escape(f"{array}:4: no_assistant")):
+        read_rows(str(array), tmp_path / "cache")
+    table = tmp_path / "rows.parquet"
+    datasets.Dataset.from_list([ALPACA[0], {**ALPACA[1], "output": ""}]).to_parquet(str(table))
+    with pytest.raises(DataError, match=re.escape(f"{table}: row 1: empty_assistant")):
+        read_rows(str(table), tmp_path / "cache")
+
+
+def test_skip_bad_rows_counts_them_by_kind(tmp_path: Path, tok) -> None:
+    rows = [GOOD, {"messages": [{"role": "robot", "content": "x"}]}, GOOD, {"messages": "str"}]
+    path = write_jsonl(tmp_path / "mixed.jsonl", rows + [GOOD], {2: "{not json", 7: "[1, 2]"})
+    data = prepare_user_data(_spec(path, skip_bad_rows=True), tok, tmp_path / "cache")
+    report = data.report()["train"]
+    assert report["bad_rows_skipped"] == {
+        "malformed_json": 1,
+        "not_an_object": 1,
+        "unknown_role": 1,
+        "wrong_type": 1,
+    }
+    assert report["bad_row_examples"][0].startswith(f"{path}:2: malformed_json")
+    assert [e.split(": ")[0] for e in report["bad_row_examples"]] == [
+        f"{path}:{n}" for n in (2, 3, 5, 7)
+    ]
+    assert report["examples"] == len(data.train.tokens) == 3
+    refusing = tmp_path / "refusing.jinja"
+    refusing.write_text(
+        "{% for m in messages %}{% if m['content'] == 'refused' %}{{ raise_exception('no') }}"
+        "{% endif %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    )
+    refused = {"messages": [{"role": "user", "content": "refused"}, *GOOD["messages"][1:]]}
+    path = write_jsonl(tmp_path / "refused.jsonl", [GOOD, refused, GOOD])
+    spec = _spec(path, chat_template=str(refusing))
+    with pytest.raises(DataError, match=re.escape(f"{path}:2: template_error: no")):
+        prepare_user_data(spec, tok, tmp_path / "cache")
+    skipped = prepare_user_data(
+        _spec(path, chat_template=str(refusing), skip_bad_rows=True), tok, tmp_path / "cache"
+    )
+    assert skipped.train.report["template_refused"] == {"template_error": 1}
+    assert len(skipped.train.tokens) == 2
+
+
+def test_dev_file_or_seeded_dev_fraction(tmp_path: Path, tok) -> None:
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"q{i}"},
+                {"role": "assistant", "content": f"a{i}"},
+            ]
+        }
+        for i in range(20)
+    ]
+    path = write_jsonl(tmp_path / "all.jsonl", rows)
+    cache = tmp_path / "cache"
+    a = prepare_user_data(_spec(path, dev_fraction=0.25, seed=1), tok, cache)
+    train, dev = list(a.train.tokens["row"]), list(a.dev.tokens["row"])
+    assert len(dev) == 5 and sorted(train + dev) == list(range(20))
+    assert [m[-1]["content"] for m in a.dev.rows["messages"]] == [f"a{i}" for i in dev]
+    again = prepare_user_data(_spec(path, dev_fraction=0.25, seed=1), tok, cache)
+    assert list(again.dev.tokens["row"]) == dev
+    other_seed = prepare_user_data(_spec(path, dev_fraction=0.25, seed=2), tok, cache)
+    assert list(other_seed.dev.tokens["row"]) != dev
+    dev_file = write_jsonl(tmp_path / "dev.jsonl", rows[:3])
+    b = prepare_user_data(_spec(path, dev=str(dev_file)), tok, cache)
+    assert len(b.train.tokens) == 20 and b.dev.report["source"] == str(dev_file)
+    assert _tokens(b.dev) == _tokens(b.train)[:3]
+
+
+def test_overlong_rows_are_truncated_or_dropped_and_counted(tmp_path: Path, tok) -> None:
+    long_answer = " ".join(f"word{i}" for i in range(60))
+    late = [{"role": "user", "content": long_answer}, CONVERSATIONS[2][3]]  # answer past the cut
+    rows = [
+        {"messages": CONVERSATIONS[2][:2]},
+        {
+            "messages": CONVERSATIONS[2][:2]
+            + [{"role": "user", "content": "x"}, {"role": "assistant", "content": long_answer}]
+        },
+        {"messages": late},
+    ]
+    path = write_jsonl(tmp_path / "long.jsonl", rows)
+    full = ChatRenderer(tok).encode([r["messages"] for r in rows])
+    lengths = [len(ids) for ids, _ in full]
+    max_length = lengths[0] + 10
+    assert lengths[1] > max_length and lengths[2] > max_length
+    cut = prepare_user_data(_spec(path, max_length=max_length), tok, tmp_path / "cache")
+    r = cut.train.report
+    assert r["truncated"] == 1 and r["dropped"] == {"no_loss_after_truncation": 1}
+    [(ids0, lab0), (ids1, lab1)] = _tokens(cut.train)
+    assert ids0 == full[0][0].tolist() and lab0 == full[0][1].tolist()
+    assert ids1 == full[1][0][:max_length].tolist() and lab1 == full[1][1][:max_length].tolist()
+    dropped = prepare_user_data(
+        _spec(path, max_length=max_length, overlong="drop"), tok, tmp_path / "cache"
+    )
+    assert dropped.train.report["dropped"] == {"over_max_length": 2}
+    assert _tokens(dropped.train) == [(ids0, lab0)]
+    # prompt/completion: the prompt loses tokens from the left, BOS stays
+    comp = write_jsonl(tmp_path / "comp.jsonl", [{"prompt": long_answer, "completion": "end"}])
+    data = prepare_user_data(_spec(comp, max_length=12), tok, tmp_path / "cache")
+    [(ids, labels)] = _tokens(data.train)
+    kw = {"add_special_tokens": False, "split_special_tokens": True}
+    p_ids, c_ids = tok(long_answer, **kw)["input_ids"], tok("end", **kw)["input_ids"]
+    tail = p_ids[len(p_ids) - (12 - 2 - len(c_ids)) :]
+    assert ids == [tok.bos_token_id, *tail, *c_ids, tok.eos_token_id]
+
+
+def test_tokenized_once_then_opened_from_the_cache(tmp_path: Path, tok) -> None:
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS])
+    first = prepare_user_data(_spec(path, dev_fraction=0.34), tok, tmp_path / "cache")
+    files = sorted(f["filename"] for f in first.train.tokens.cache_files)
+    stamps = [Path(f).stat().st_mtime_ns for f in files]
+    second = prepare_user_data(_spec(path, dev_fraction=0.34), tok, tmp_path / "cache")
+    assert sorted(f["filename"] for f in second.train.tokens.cache_files) == files
+    assert [Path(f).stat().st_mtime_ns for f in files] == stamps  # not written again
+    assert isinstance(second.train.tokens.data, datasets.table.MemoryMappedTable)
+    assert _tokens(second.train) == _tokens(first.train)
+    other = prepare_user_data(
+        _spec(path, dev_fraction=0.34, max_length=64), tok, tmp_path / "cache"
+    )
+    assert sorted(f["filename"] for f in other.train.tokens.cache_files) != files
+
+
+def test_packed_batches_equal_example_batches_on_chat_data(tmp_path: Path, tok) -> None:
+    rows = [{"messages": c} for c in CONVERSATIONS] * 3
+    path = write_jsonl(tmp_path / "chat.jsonl", rows)
+    data = prepare_user_data(_spec(path), tok, tmp_path / "cache")
+    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
+    pad = tok.pad_token_id
+    examples = ExampleBatches(data.train.tokens, pad)
+    packed = PackedBatches(data.train.tokens, 256, pad, "sdpa", torch.float32)
+    assert len(examples) == 9 and len(packed) < len(examples)
+    one = examples.batch(list(range(len(examples))))
+    rows_of_packs = packed.batch(list(range(len(packed))))
+    assert one.tokens == rows_of_packs.tokens == int(data.train.lengths().sum())
+    assert one.loss_tokens == rows_of_packs.loss_tokens
+    with torch.no_grad():
+        a = model(**one.inputs).loss.item()
+        b = model(**rows_of_packs.inputs).loss.item()
+        alone = [model(**examples.batch([i]).inputs).loss.item() for i in range(len(examples))]
+    weights = np.array([examples.batch([i]).loss_tokens for i in range(len(examples))])
+    assert a == pytest.approx(b, abs=1e-5)
+    assert b == pytest.approx(float(np.dot(alone, weights) / weights.sum()), abs=1e-5)
