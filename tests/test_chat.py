@@ -91,9 +91,10 @@ def test_special_token_text_in_content_stays_text(tok, renderer) -> None:
     answer = tok.decode([t for t in labels if t != IGNORE_INDEX])
     assert answer == SPECIAL_TEXT[-1]["content"] + "<|im_end|>"
     # the prompt for generation is protected the same way
-    prompt = renderer.prompt_ids(SPECIAL_TEXT[:2])
+    prompt, text = renderer.prompt(SPECIAL_TEXT[:2])
     assert prompt == want_ids[: len(prompt)] and prompt.count(end) == 2
-    assert tok.decode(prompt).endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+    assert tok.decode(prompt) == text
 
 
 def test_no_template_is_a_clear_error_and_plain_is_the_fallback(tok) -> None:

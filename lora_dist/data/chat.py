@@ -262,11 +262,9 @@ class ChatRenderer:
             out.append((ids, np.where(overlapping(offs, r.loss), ids, IGNORE_INDEX)))
         return out
 
-    def prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """Tokens of `messages` plus the template's generation prompt: what the model answers."""
+    def prompt(self, messages: list[dict[str, str]]) -> tuple[list[int], str]:
+        """Tokens and text of `messages` plus the template's generation prompt: what the model
+        is asked to answer. Raises BadRow."""
         rendered = self.render(messages, generation_prompt=True)
         ids, _ = self._tokenize([rendered])[0]
-        return ids.tolist()
-
-    def prompt_text(self, messages: list[dict[str, str]]) -> str:
-        return self.render(messages, generation_prompt=True).text
+        return ids.tolist(), rendered.text
