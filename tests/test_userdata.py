@@ -3,7 +3,10 @@ over-length rule, the tokenization cache, and packed batches on a tiny model."""
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -16,6 +19,7 @@ from lora_dist.data.chat import IGNORE_INDEX, ChatRenderer
 from lora_dist.data.reading import read_rows
 from lora_dist.data.userdata import DataSpec, prepare_user_data
 from lora_dist.errors import DataError
+from tests import runs
 from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
 from tests.tiny_models import tiny_llama
 
@@ -277,3 +281,38 @@ def test_packed_batches_equal_example_batches_on_chat_data(tmp_path: Path, tok) 
     weights = np.array([examples.batch([i]).loss_tokens for i in range(len(examples))])
     assert a == pytest.approx(b, abs=1e-5)
     assert b == pytest.approx(float(np.dot(alone, weights) / weights.sum()), abs=1e-5)
+
+
+@pytest.mark.multirank
+def test_two_ranks_tokenize_once(tmp_path: Path, tok) -> None:
+    """Local rank 0 tokenizes; rank 1 opens its Arrow files without tokenizing anything."""
+    tok_dir = tmp_path / "tokenizer"
+    tok.save_pretrained(str(tok_dir))
+    data = write_jsonl(tmp_path / "chat.jsonl", [{"messages": c} for c in CONVERSATIONS] * 4)
+    out = tmp_path / "out"
+    out.mkdir()
+    port = str(runs.free_port())
+    probe = [sys.executable, str(runs.REPO / "tests" / "userdata_probe.py")]
+    probe += [str(tok_dir), str(data), str(tmp_path / "cache"), str(out)]
+    procs = [
+        subprocess.Popen(
+            probe,
+            cwd=runs.REPO,
+            env=runs.run_env(
+                RANK=str(r),
+                LOCAL_RANK=str(r),
+                WORLD_SIZE="2",
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            ),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+    first, second = (json.loads((out / f"rank{r}.json").read_text()) for r in range(2))
+    assert first["calls"] > 0 and second["calls"] == 0
+    assert first["files"] == second["files"] and first["input_ids"] == second["input_ids"]

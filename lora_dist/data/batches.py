@@ -75,8 +75,10 @@ class PackedBatches:
         plan: PackPlan | None = None,
     ) -> None:
         self.rows = _rows(tokens)
-        lengths = np.asarray(tokens.with_format("numpy", columns=["length"])["length"])
-        self.plan = plan if plan is not None else plan_packs(lengths, max_length)
+        if plan is None:
+            lengths = np.asarray(tokens.with_format("numpy", columns=["length"])[:]["length"])
+            plan = plan_packs(lengths, max_length)
+        self.plan = plan
         self.pad_id = pad_id
         self.attention = packing_attention(attn_implementation)
         self.dtype = dtype

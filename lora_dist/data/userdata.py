@@ -94,7 +94,7 @@ class Split:
     report: dict[str, Any] = field(default_factory=dict)
 
     def lengths(self) -> np.ndarray:
-        return np.asarray(self.tokens.with_format("numpy", columns=["length"])["length"])
+        return column(self.tokens, "length")
 
 
 @dataclass
@@ -108,6 +108,11 @@ class UserData:
     def report(self) -> dict[str, Any]:
         splits = [self.train] + ([self.dev] if self.dev is not None else [])
         return {"format": self.fmt, **{s.name: s.report for s in splits}}
+
+
+def column(ds: datasets.Dataset, name: str) -> np.ndarray:
+    """A whole numeric column as one array (one vectorized read, not a row at a time)."""
+    return np.asarray(ds.with_format("numpy", columns=[name])[:][name])
 
 
 def tokenizer_fingerprint(tokenizer: Any) -> str:
@@ -233,7 +238,7 @@ def tokenize_rows(
     if len(kept) == 0:
         raise DataError(f"{source}: no {name} example is left after tokenization: {counts}")
     dropped = {s.split(":", 1)[1]: n for s, n in counts.items() if s.startswith("dropped:")}
-    lengths = np.asarray(kept.with_format("numpy", columns=["length"])["length"])
+    lengths = column(kept, "length")
     report = {
         "examples": len(kept),
         "truncated": counts.get("truncated", 0),

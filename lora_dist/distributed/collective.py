@@ -1,4 +1,5 @@
-"""Small collectives: a unanimous "all done" vote, gathering to rank 0, broadcasts and sums.
+"""Small collectives: a unanimous "all done" vote, gathering to rank 0, broadcasts and sums, and
+letting each node's first rank go first.
 
 All of them work over the default process group on whatever backend DeepSpeed chose (gloo on CPU,
 NCCL on GPU), and degrade to local no-ops in a single process.
@@ -6,7 +7,8 @@ NCCL on GPU), and degrade to local no-ops in a single process.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -81,3 +83,20 @@ def all_reduce_sum(values: list[float], device: torch.device | str) -> list[floa
     if is_distributed():
         dist.all_reduce(t)
     return t.tolist()
+
+
+@contextlib.contextmanager
+def node_main_first(local_rank: int) -> Iterator[None]:
+    """Run the block on every node's local rank 0 first, then on the other ranks.
+
+    For work whose result the others can reuse from disk, such as tokenizing into the
+    `datasets` cache. Every rank must enter it. If the block fails on local rank 0, the others
+    are still released, run it themselves and fail the same way, rather than wait forever.
+    """
+    if local_rank != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if local_rank == 0:
+            barrier()
