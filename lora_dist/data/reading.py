@@ -78,6 +78,19 @@ def progress_bars(enabled: bool) -> Iterator[None]:
         (datasets.enable_progress_bars if was else datasets.disable_progress_bars)()
 
 
+def is_user_data(source: str | None) -> bool:
+    """Whether `--data` names a user's data file or saved dataset rather than a task's
+    release directory: a .jsonl/.json/.ndjson/.parquet/.arrow file or a save_to_disk
+    directory. (A hub name is told apart by the caller, e.g. with --data_format.)"""
+    if not source:
+        return False
+    path = Path(source)
+    if path.is_file():
+        return path.suffix in (*JSON_SUFFIXES, ".parquet", ".arrow")
+    markers = ("dataset_info.json", "state.json", "dataset_dict.json")
+    return path.is_dir() and any((path / m).is_file() for m in markers)
+
+
 def source_stamp(source: str) -> str:
     """What identifies a source's content cheaply: path, size and mtime of every file."""
     path = Path(source)
@@ -149,8 +162,7 @@ def _load_raw(source: str, cache_dir: Path, split: str) -> datasets.Dataset | No
     """The source as an Arrow-backed dataset; None for a JSON file Arrow's reader refuses."""
     path = Path(source)
     if path.is_dir():
-        markers = ("dataset_info.json", "state.json", "dataset_dict.json")
-        if not any((path / m).is_file() for m in markers):
+        if not is_user_data(source):
             raise DataError(
                 f"{path} is a directory but not a dataset saved with save_to_disk; pass a "
                 ".jsonl, .json, .parquet or .arrow file, or a save_to_disk directory"
