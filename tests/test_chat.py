@@ -3,14 +3,18 @@ text stays text, and templates that cannot be traced are refused."""
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 
 from lora_dist.data.chat import IGNORE_INDEX, PLAIN_TEMPLATE, ChatRenderer
 from lora_dist.data.formats import BadRow
 from lora_dist.errors import ModelError
-from tests.chat_data import CONVERSATIONS, SPECIAL_TEXT, chatml_expected, smollm2_tokenizer
+from tests.chat_data import (
+    CONVERSATIONS,
+    SPECIAL_TEXT,
+    chatml_expected,
+    smollm2_tokenizer,
+    tiny_tokenizer,
+)
 
 ZEPHYR_LIKE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
@@ -61,8 +65,12 @@ def _prefix_diff_labels(tok, template: str | None, conv: list[dict]) -> list[int
     return labels
 
 
-@pytest.mark.parametrize("template", [None, ZEPHYR_LIKE, "plain"])
-def test_loss_tokens_agree_with_prefix_rendering(tok, template, tmp_path) -> None:
+@pytest.mark.parametrize(
+    "which, template",
+    [("smollm2", None), ("smollm2", ZEPHYR_LIKE), ("smollm2", "plain"), ("tiny", "plain")],
+)
+def test_loss_tokens_agree_with_prefix_rendering(which, template, tmp_path) -> None:
+    tok = smollm2_tokenizer() if which == "smollm2" else tiny_tokenizer()
     if template == ZEPHYR_LIKE:
         path = tmp_path / "zephyr.jinja"
         path.write_text(template)
@@ -75,6 +83,12 @@ def test_loss_tokens_agree_with_prefix_rendering(tok, template, tmp_path) -> Non
         assert ids.tolist() == tok.apply_chat_template(
             conv, chat_template=jinja, tokenize=True, return_dict=False
         )
+        # the piecewise tokenization used for look-alike text gives the same tokens here
+        rendered = r.render(conv)
+        whole = tok(rendered.text, add_special_tokens=False, return_offsets_mapping=True)
+        piece_ids, piece_offsets = r.protected_tokens(rendered)
+        assert piece_ids.tolist() == whole["input_ids"]
+        assert piece_offsets.tolist() == [list(o) for o in whole["offset_mapping"]]
 
 
 def test_special_token_text_in_content_stays_text(tok, renderer) -> None:
@@ -97,17 +111,26 @@ def test_special_token_text_in_content_stays_text(tok, renderer) -> None:
     assert tok.decode(prompt) == text
 
 
-def test_no_template_is_a_clear_error_and_plain_is_the_fallback(tok) -> None:
-    bare = copy.deepcopy(tok)
-    bare.chat_template = None
+def test_no_template_is_a_clear_error_and_plain_is_the_fallback() -> None:
+    """The tiny model's SentencePiece tokenizer has no chat template."""
+    tiny = tiny_tokenizer()
+    assert tiny.chat_template is None
     with pytest.raises(ModelError, match="no chat template.*--chat_template plain"):
-        ChatRenderer(bare)
-    [(ids, labels)] = ChatRenderer(bare, "plain").encode([CONVERSATIONS[0][:3]])
-    text = tok.decode(ids)
-    assert text == (
-        "<|im_start|>You answer in one line.\n\nUser: What is 2+2?\n\nAssistant:\n4.<|im_end|>\n\n"
+        ChatRenderer(tiny)
+    r = ChatRenderer(tiny, "plain")
+    [(ids, labels)] = r.encode([CONVERSATIONS[0][:3]])
+    assert r.render(CONVERSATIONS[0][:3]).text == (
+        "<s>You answer in one line.\n\nUser: What is 2+2?\n\nAssistant:\n4.</s>\n\n"
     )
-    assert tok.decode([t for t in labels if t != IGNORE_INDEX]) == "4.<|im_end|>"
+    assert tiny.decode([t for t in labels if t != IGNORE_INDEX]) == "4.</s>"
+    # a literal </s> typed in a message stays text on SentencePiece too
+    typed = [
+        {"role": "user", "content": "type </s> here"},
+        {"role": "assistant", "content": "ok </s>"},
+    ]
+    [(ids, labels)] = r.encode([typed])
+    assert ids.tolist().count(tiny.eos_token_id) == 1 and ids.tolist().count(tiny.bos_token_id) == 1
+    assert tiny.decode([t for t in labels if t != IGNORE_INDEX]) == "ok </s></s>"
 
 
 def test_templates_that_cannot_be_traced_are_refused(tok, tmp_path) -> None:

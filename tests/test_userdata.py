@@ -18,8 +18,8 @@ from lora_dist.data.batches import ExampleBatches, PackedBatches
 from lora_dist.data.chat import IGNORE_INDEX, ChatRenderer
 from lora_dist.data.reading import is_user_data, read_rows
 from lora_dist.data.userdata import DataSpec, prepare_user_data
-from lora_dist.default_assets import default_data_dir
 from lora_dist.errors import DataError
+from lora_dist.tasks.wikisql import TASK as WIKISQL
 from tests import runs
 from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
 from tests.tiny_models import tiny_llama
@@ -76,7 +76,7 @@ def test_every_format_loads(tmp_path: Path, tok) -> None:
         "completion": arrow_file,
     }
     assert all(is_user_data(str(p)) for p in [*cases.values(), saved])
-    assert not is_user_data(str(default_data_dir())) and not is_user_data(None)
+    assert not is_user_data(str(WIKISQL.sample_dir())) and not is_user_data(None)
     cache = tmp_path / "cache"
     for fmt, path in cases.items():
         data = prepare_user_data(_spec(path), tok, cache)

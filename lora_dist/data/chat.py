@@ -12,9 +12,9 @@ How a conversation becomes tokens and labels:
    with character offsets. If a special token came out of a message's *content* (a literal
    `<|im_end|>` typed by a user), that conversation is tokenized again piece by piece: the
    template's special tokens stay special, and the content is tokenized with
-   `split_special_tokens=True`, so the literal text stays text. (For byte-level BPE
-   tokenizers, SmolLM2's and Llama 3's among them, the pieces give exactly the whole-string
-   tokens; SentencePiece tokenizers that prepend "▁" to every piece may differ by that prefix.)
+   special tokens turned off, so the literal text stays text. The pieces are tokenized as the
+   tokenizer itself treats the text between two special tokens (a SentencePiece "▁" is
+   prepended only at the very start), so elsewhere the tokens equal the whole-string ones.
 3. A token carries loss when it overlaps an assistant turn: the assistant's content plus the
    template's end of that turn up to and including its first special token (ChatML's
    `<|im_end|>`, Llama 3's `<|eot_id|>`, `</s>`), so the model learns to stop. Text after that
@@ -28,6 +28,7 @@ A model without a chat template is refused with a ModelError, unless `--chat_tem
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -107,6 +108,34 @@ def overlapping(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray
     return inside & (starts[np.minimum(k, len(spans) - 1)] < offsets[:, 1])
 
 
+def _no_prefix(node: Any) -> bool:
+    """Turn Metaspace's prepend_scheme 'first' into 'never' in a pre-tokenizer's JSON."""
+    if not isinstance(node, dict):
+        return False
+    if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
+        node["prepend_scheme"] = "never"
+        return True
+    return any([_no_prefix(child) for child in node.get("pretokenizers") or []])
+
+
+def piece_tokenizers(tokenizer: Any) -> tuple[Any, Any] | None:
+    """Two copies of the backend tokenizer that never parse special tokens: one for text at the
+    start of a string, one for text that follows a special token. The second differs only for
+    SentencePiece's Metaspace(prepend_scheme='first'), which puts "▁" at the very start alone.
+    None when the tokenizer has no `tokenizers` backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    state = json.loads(backend.to_str())
+    _no_prefix(state.get("pre_tokenizer"))
+    first, rest = Tokenizer.from_str(backend.to_str()), Tokenizer.from_str(json.dumps(state))
+    for t in (first, rest):
+        t.encode_special_tokens = True
+    return first, rest
+
+
 class ChatRenderer:
     """Renders and tokenizes conversations with one tokenizer and template."""
 
@@ -124,6 +153,7 @@ class ChatRenderer:
         self._special_ids = np.array(
             sorted(tokenizer.convert_tokens_to_ids(specials)), dtype=np.int64
         )
+        self._pieces = piece_tokenizers(tokenizer)
         self._check_template()
 
     def _check_template(self) -> None:
@@ -191,7 +221,7 @@ class ChatRenderer:
             loss.append((content[i][0], end.end()))
         return Rendered(real, content, scaffold_spans, loss)
 
-    def _piecewise(self, r: Rendered) -> tuple[np.ndarray, np.ndarray]:
+    def protected_tokens(self, r: Rendered) -> tuple[np.ndarray, np.ndarray]:
         """Tokens and offsets with special tokens taken only from the template's own text."""
         segments: list[tuple[int, int, bool]] = []
         pos = 0
@@ -203,27 +233,29 @@ class ChatRenderer:
                 pos = m.end()
         if pos < len(r.text):
             segments.append((pos, len(r.text), False))
-        texts = [r.text[a:b] for a, b, special in segments if not special]
-        enc: Any = {"input_ids": [], "offset_mapping": []}
-        if texts:
-            enc = self.tokenizer(
-                texts,
-                add_special_tokens=False,
-                split_special_tokens=True,
-                return_offsets_mapping=True,
-            )
         ids: list[int] = []
         offsets: list[tuple[int, int]] = []
-        j = 0
         for a, b, special in segments:
             if special:
                 ids.append(self.tokenizer.convert_tokens_to_ids(r.text[a:b]))
                 offsets.append((a, b))
                 continue
-            ids += enc["input_ids"][j]
-            offsets += [(a + s, a + e) for s, e in enc["offset_mapping"][j]]
-            j += 1
+            piece_ids, piece_offsets = self._encode_piece(r.text[a:b], at_start=a == 0)
+            ids += piece_ids
+            offsets += [(a + s, a + e) for s, e in piece_offsets]
         return np.asarray(ids, dtype=np.int64), np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+
+    def _encode_piece(self, text: str, at_start: bool) -> tuple[list[int], list[tuple[int, int]]]:
+        if self._pieces is None:  # no tokenizers backend: the tokenizer's own switch
+            enc = self.tokenizer(
+                text,
+                add_special_tokens=False,
+                split_special_tokens=True,
+                return_offsets_mapping=True,
+            )
+            return enc["input_ids"], enc["offset_mapping"]
+        enc = self._pieces[0 if at_start else 1].encode(text, add_special_tokens=False)
+        return enc.ids, enc.offsets
 
     def _tokenize(self, rendered: list[Rendered]) -> list[tuple[np.ndarray, np.ndarray]]:
         if not rendered:
@@ -236,7 +268,7 @@ class ChatRenderer:
             ids = np.asarray(ids, dtype=np.int64)
             offs = np.asarray(offs, dtype=np.int64).reshape(-1, 2)
             if (np.isin(ids, self._special_ids) & overlapping(offs, r.content)).any():
-                ids, offs = self._piecewise(r)  # content typed a special token's text
+                ids, offs = self.protected_tokens(r)  # content typed a special token's text
             out.append((ids, offs))
         return out
 
