@@ -19,6 +19,7 @@ from lora_dist.data.chat import IGNORE_INDEX, ChatRenderer
 from lora_dist.data.reading import is_user_data, read_rows
 from lora_dist.data.userdata import DataSpec, prepare_user_data
 from lora_dist.errors import DataError
+from lora_dist.schedule import DataOrder
 from lora_dist.tasks.wikisql import TASK as WIKISQL
 from tests import runs
 from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
@@ -284,6 +285,19 @@ def test_packed_batches_equal_example_batches_on_chat_data(tmp_path: Path, tok) 
     weights = np.array([examples.batch([i]).loss_tokens for i in range(len(examples))])
     assert a == pytest.approx(b, abs=1e-5)
     assert b == pytest.approx(float(np.dot(alone, weights) / weights.sum()), abs=1e-5)
+    # A resumed run reopens the cache and rebuilds the same packs: step s draws the same rows.
+    again = prepare_user_data(_spec(path), tok, tmp_path / "cache")
+    rebuilt = PackedBatches(again.train.tokens, 256, pad, "sdpa", torch.float32)
+    assert rebuilt.plan.fingerprint() == packed.plan.fingerprint()
+    order = DataOrder(len(packed), 2, seed=3)
+    for step in range(3):
+        for rank in range(2):
+            [idx] = order.rank_micro_batches(step, rank, 2, 1)
+            x, y = packed.batch(idx).inputs, rebuilt.batch(idx).inputs
+            assert x.keys() == y.keys()
+            assert all(
+                torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x
+            )
 
 
 @pytest.mark.multirank

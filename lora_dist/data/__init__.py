@@ -1,4 +1,9 @@
-"""Tokenization for training: prompt + target become input ids, with loss only on the target."""
+"""Tokenization for training: prompt + target become input ids, with loss only on the target.
+
+This module tokenizes the paper's tasks. Users' own files (chat and instruction formats, chat
+templates, bad rows, packing, free-form evaluation) live beside it: formats, reading, chat,
+userdata, packing, batches and freeform; docs/user-data.md describes them.
+"""
 
 from __future__ import annotations
 

@@ -108,14 +108,14 @@ def overlapping(offsets: np.ndarray, spans: list[tuple[int, int]]) -> np.ndarray
     return inside & (starts[np.minimum(k, len(spans) - 1)] < offsets[:, 1])
 
 
-def _no_prefix(node: Any) -> bool:
+def _no_prefix(node: Any) -> None:
     """Turn Metaspace's prepend_scheme 'first' into 'never' in a pre-tokenizer's JSON."""
     if not isinstance(node, dict):
-        return False
+        return
     if node.get("type") == "Metaspace" and node.get("prepend_scheme") == "first":
         node["prepend_scheme"] = "never"
-        return True
-    return any([_no_prefix(child) for child in node.get("pretokenizers") or []])
+    for child in node.get("pretokenizers") or []:
+        _no_prefix(child)
 
 
 def piece_tokenizers(tokenizer: Any) -> tuple[Any, Any] | None:
