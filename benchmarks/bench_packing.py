@@ -2,8 +2,8 @@
 
 Lengths are lognormal with median 150 tokens (sigma 1.0, clipped to [16, 2048]) and
 max_length is 2048: a few long conversations among many short ones, as in real chat data.
-The driver computes, for one whole epoch of `schedule.DataOrder`, the share of padding tokens
-and the steps per epoch of both modes, then runs both for a few steps on 2 CPU ranks
+The driver computes, for one whole epoch of `training.schedule.DataOrder`, the share of padding
+tokens and the steps per epoch of both modes, then runs both for a few steps on 2 CPU ranks
 (`deepspeed --num_gpus 2`, this file again with --worker) to measure useful (non-pad)
 tokens per second.
 
@@ -50,7 +50,7 @@ def synthetic_lengths(n: int, max_length: int, seed: int = 0) -> np.ndarray:
 def epoch_stats(lengths: np.ndarray, max_length: int, dp: int, seed: int) -> dict:
     """Padding share and steps per epoch of both modes, over one whole epoch."""
     from lora_dist.data.packing import plan_packs
-    from lora_dist.schedule import DataOrder
+    from lora_dist.training.schedule import DataOrder
 
     plan = plan_packs(lengths, max_length)
     out = {}
@@ -92,12 +92,12 @@ def run_worker(args: argparse.Namespace) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lora_dist.data.batches import ExampleBatches, PackedBatches
+    from lora_dist.distributed.ds_config import batch_layout, load_ds_config, prepare_for_run
     from lora_dist.distributed.launch import init_distributed
     from lora_dist.distributed.zero import lora_persistence_threshold
-    from lora_dist.ds_config import batch_layout, load_ds_config, prepare_for_run
     from lora_dist.inject import inject_lora
     from lora_dist.lora import LoraConfig
-    from lora_dist.schedule import DataOrder
+    from lora_dist.training.schedule import DataOrder
 
     info = init_distributed()
     shape = SHAPES[args.shape]

@@ -1,8 +1,8 @@
 """What the training loop draws batches from: examples one per row, or packed rows.
 
-Both kinds have `len()` (the units `schedule.DataOrder` permutes: examples, or packs) and
-`batch(indices, device)`, which returns the model's keyword arguments and the token counts
-the loop logs and weights by. The tokenized dataset stays memory-mapped Arrow; a batch reads
+Both kinds have `len()` (the units `training.schedule.DataOrder` permutes: examples, or
+packs) and `batch(indices, device)`, which returns the model's keyword arguments and the token
+counts the loop logs and weights by. The tokenized dataset stays memory-mapped Arrow; a batch reads
 only its own rows.
 """
 

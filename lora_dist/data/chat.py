@@ -35,6 +35,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jinja2.exceptions import TemplateError
+from tokenizers import Tokenizer
 
 from lora_dist.data.formats import BadRow
 from lora_dist.errors import ModelError
@@ -126,8 +128,6 @@ def piece_tokenizers(tokenizer: Any) -> tuple[Any, Any] | None:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import Tokenizer
-
     state = json.loads(backend.to_str())
     _no_prefix(state.get("pre_tokenizer"))
     first, rest = Tokenizer.from_str(backend.to_str()), Tokenizer.from_str(json.dumps(state))
@@ -167,8 +167,6 @@ class ChatRenderer:
         raise ModelError(f"the chat template cannot be used for training: {problem}")
 
     def _apply(self, messages: list[dict[str, str]], generation_prompt: bool) -> str:
-        from jinja2.exceptions import TemplateError
-
         try:
             return self.tokenizer.apply_chat_template(
                 messages,

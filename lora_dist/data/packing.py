@@ -24,7 +24,7 @@ gradients against the examples run one by one.
 
 `plan_packs` is best-fit decreasing over the example lengths: deterministic (ties broken by
 example index), computed once from the lengths alone, so a resumed run rebuilds the same packs
-and `schedule.DataOrder` over packs gives the same batches at every step.
+and `training.schedule.DataOrder` over packs gives the same batches at every step.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Users' own files: every format loads, bad rows name file and line, dev splits, the
-over-length rule, the tokenization cache, and packed batches on a tiny model."""
+"""prepare_user_data: every format loads, bad rows are counted under --skip_bad_rows, dev
+splits, the over-length rule, the tokenization cache, and tokenizing once per node."""
 
 from __future__ import annotations
 
@@ -10,25 +10,16 @@ import sys
 from pathlib import Path
 
 import datasets
-import numpy as np
 import pytest
-import torch
 
-from lora_dist.data.batches import ExampleBatches, PackedBatches
 from lora_dist.data.chat import IGNORE_INDEX, ChatRenderer
-from lora_dist.data.reading import is_user_data, read_rows
+from lora_dist.data.reading import is_user_data
 from lora_dist.data.userdata import DataSpec, prepare_user_data
 from lora_dist.errors import DataError
-from lora_dist.schedule import DataOrder
 from lora_dist.tasks.wikisql import TASK as WIKISQL
 from tests import runs
-from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
-from tests.tiny_models import tiny_llama
+from tests.data.chat_data import ALPACA, CONVERSATIONS, GOOD, smollm2_tokenizer, write_jsonl
 
-ALPACA = [
-    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
-    {"instruction": "Say hi.", "input": "", "output": "hi"},
-]
 ALPACA_MESSAGES = [
     [
         {"role": "user", "content": "Add the numbers.\n\n2 and 2"},
@@ -36,9 +27,12 @@ ALPACA_MESSAGES = [
     ],
     [{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "hi"}],
 ]
+
+
 COMPLETIONS = {"prompt": ["2+2=", "Capital of France:"], "completion": ["4", " Paris <|im_end|>"]}
+
+
 SHAREGPT_ROLE = {"system": "system", "user": "human", "assistant": "gpt"}
-GOOD = {"messages": CONVERSATIONS[0][1:3]}
 
 
 @pytest.fixture(scope="module")
@@ -98,59 +92,6 @@ def test_every_format_loads(tmp_path: Path, tok) -> None:
         assert ids == [tok.bos_token_id, *p_ids, *c_ids, tok.eos_token_id]
         assert labels == [IGNORE_INDEX] * (1 + len(p_ids)) + c_ids + [tok.eos_token_id]
     assert ids.count(tok.eos_token_id) == 1
-
-
-def test_format_is_detected_or_forced(tmp_path: Path, tok) -> None:
-    both = write_jsonl(tmp_path / "both.jsonl", [{**GOOD, "prompt": "p", "completion": "c"}])
-    with pytest.raises(DataError, match="fit several formats.*--data_format"):
-        read_rows(str(both), tmp_path / "cache")
-    assert read_rows(str(both), tmp_path / "cache", fmt="completion").fmt == "completion"
-    odd = write_jsonl(tmp_path / "odd.jsonl", [{"question": "q", "answer": "a"}])
-    with pytest.raises(DataError, match="cannot tell the data format.*--data_format"):
-        read_rows(str(odd), tmp_path / "cache")
-
-
-BAD_CASES = {  # name: (rows, {1-based line: raw text}, the line and kind the error must name)
-    "malformed": ([GOOD, GOOD], {2: "", 3: '{"messages": [}'}, 3, "malformed_json"),
-    "unknown_role": (
-        [GOOD, {"messages": [{"role": "robot", "content": "x"}]}],
-        {2: "   "},
-        3,
-        "unknown_role",
-    ),
-    "missing": ([GOOD, {"messages": [{"role": "user"}]}], {}, 2, "missing_field"),
-    "empty_answer": (
-        [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}],
-        {},
-        1,
-        "empty_assistant",
-    ),
-    "no_answer": ([GOOD, {"messages": [{"role": "user", "content": "hi"}]}], {}, 2, "no_assistant"),
-    "wrong_type": ([GOOD, GOOD, {"messages": "hello"}], {}, 3, "wrong_type"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(BAD_CASES))
-def test_bad_rows_fail_with_file_and_line(tmp_path: Path, name: str) -> None:
-    rows, raw, line, kind = BAD_CASES[name]
-    path = write_jsonl(tmp_path / f"{name}.jsonl", rows, raw)
-    with pytest.raises(DataError, match=re.escape(f"{path}:{line}: {kind}:") + ".*--skip_bad_rows"):
-        read_rows(str(path), tmp_path / "cache")
-
-
-def test_bad_rows_in_json_arrays_and_parquet(tmp_path: Path) -> None:
-    array = tmp_path / "rows.json"
-    array.write_text(
-        '[\n  {"messages": [{"role": "user", "content": "a"},\n'
-        '                {"role": "assistant", "content": "b"}]},\n'
-        '  {"messages": [\n    {"role": "user", "content": "a"}\n  ]}\n]\n'
-    )
-    with pytest.raises(DataError, match=re.escape(f"{array}:4: no_assistant")):
-        read_rows(str(array), tmp_path / "cache")
-    table = tmp_path / "rows.parquet"
-    datasets.Dataset.from_list([ALPACA[0], {**ALPACA[1], "output": ""}]).to_parquet(str(table))
-    with pytest.raises(DataError, match=re.escape(f"{table}: row 1: empty_assistant")):
-        read_rows(str(table), tmp_path / "cache")
 
 
 def test_skip_bad_rows_counts_them_by_kind(tmp_path: Path, tok) -> None:
@@ -265,41 +206,6 @@ def test_tokenized_once_then_opened_from_the_cache(tmp_path: Path, tok) -> None:
     assert sorted(f["filename"] for f in other.train.tokens.cache_files) != files
 
 
-def test_packed_batches_equal_example_batches_on_chat_data(tmp_path: Path, tok) -> None:
-    rows = [{"messages": c} for c in CONVERSATIONS] * 3
-    path = write_jsonl(tmp_path / "chat.jsonl", rows)
-    data = prepare_user_data(_spec(path), tok, tmp_path / "cache")
-    model = tiny_llama(vocab_size=len(tok), max_position_embeddings=512)
-    pad = tok.pad_token_id
-    examples = ExampleBatches(data.train.tokens, pad)
-    packed = PackedBatches(data.train.tokens, 256, pad, "sdpa", torch.float32)
-    assert len(examples) == 9 and len(packed) < len(examples)
-    one = examples.batch(list(range(len(examples))))
-    rows_of_packs = packed.batch(list(range(len(packed))))
-    assert one.tokens == rows_of_packs.tokens == int(data.train.lengths().sum())
-    assert one.loss_tokens == rows_of_packs.loss_tokens
-    with torch.no_grad():
-        a = model(**one.inputs).loss.item()
-        b = model(**rows_of_packs.inputs).loss.item()
-        alone = [model(**examples.batch([i]).inputs).loss.item() for i in range(len(examples))]
-    weights = np.array([examples.batch([i]).loss_tokens for i in range(len(examples))])
-    assert a == pytest.approx(b, abs=1e-5)
-    assert b == pytest.approx(float(np.dot(alone, weights) / weights.sum()), abs=1e-5)
-    # A resumed run reopens the cache and rebuilds the same packs: step s draws the same rows.
-    again = prepare_user_data(_spec(path), tok, tmp_path / "cache")
-    rebuilt = PackedBatches(again.train.tokens, 256, pad, "sdpa", torch.float32)
-    assert rebuilt.plan.fingerprint() == packed.plan.fingerprint()
-    order = DataOrder(len(packed), 2, seed=3)
-    for step in range(3):
-        for rank in range(2):
-            [idx] = order.rank_micro_batches(step, rank, 2, 1)
-            x, y = packed.batch(idx).inputs, rebuilt.batch(idx).inputs
-            assert x.keys() == y.keys()
-            assert all(
-                torch.equal(x[k], y[k]) if torch.is_tensor(x[k]) else x[k] == y[k] for k in x
-            )
-
-
 @pytest.mark.multirank
 def test_two_ranks_tokenize_once(tmp_path: Path, tok) -> None:
     """Local rank 0 tokenizes; rank 1 opens its Arrow files without tokenizing anything."""
@@ -309,7 +215,7 @@ def test_two_ranks_tokenize_once(tmp_path: Path, tok) -> None:
     out = tmp_path / "out"
     out.mkdir()
     port = str(runs.free_port())
-    probe = [sys.executable, str(runs.REPO / "tests" / "userdata_probe.py")]
+    probe = [sys.executable, str(runs.REPO / "tests" / "data" / "userdata_probe.py")]
     probe += [str(tok_dir), str(data), str(tmp_path / "cache"), str(out)]
     procs = [
         subprocess.Popen(

@@ -19,7 +19,7 @@ from lora_dist.data.freeform import (
     write_generations,
 )
 from lora_dist.data.reading import read_rows
-from tests.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
+from tests.data.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
 from tests.tiny_models import tiny_llama
 
 MAX_NEW = 6

@@ -18,7 +18,7 @@ from lora_dist.data.packing import (
 )
 from lora_dist.inject import inject_lora
 from lora_dist.lora import LoraConfig
-from lora_dist.schedule import DataOrder
+from lora_dist.training.schedule import DataOrder
 from tests.tiny_models import VOCAB, randomize_lora_b, tiny_llama
 
 MAX_LENGTH = 40

@@ -8,7 +8,7 @@ import pytest
 from lora_dist.data.chat import IGNORE_INDEX, PLAIN_TEMPLATE, ChatRenderer
 from lora_dist.data.formats import BadRow
 from lora_dist.errors import ModelError
-from tests.chat_data import (
+from tests.data.chat_data import (
     CONVERSATIONS,
     SPECIAL_TEXT,
     chatml_expected,

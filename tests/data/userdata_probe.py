@@ -1,6 +1,6 @@
-"""Probe launched by tests/test_userdata.py on 2 ranks: user data is tokenized once per node.
+"""Probe launched by tests/data/test_userdata.py on 2 ranks: user data is tokenized once per node.
 
-`python tests/userdata_probe.py TOKENIZER_DIR DATA CACHE OUT_DIR` with RANK, LOCAL_RANK,
+`python tests/data/userdata_probe.py TOKENIZER_DIR DATA CACHE OUT_DIR` with RANK, LOCAL_RANK,
 WORLD_SIZE, MASTER_ADDR and MASTER_PORT set joins a gloo group, then calls prepare_user_data
 inside node_main_first with a tokenizer that counts how often it tokenizes, and writes
 OUT_DIR/rank<k>.json: that count, the tokens' Arrow files and the tokens themselves.

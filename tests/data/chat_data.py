@@ -61,6 +61,15 @@ SPECIAL_TEXT = [
 ]
 
 
+ALPACA = [
+    {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+    {"instruction": "Say hi.", "input": "", "output": "hi"},
+]
+
+GOOD = {"messages": CONVERSATIONS[0][1:3]}
+"""A valid messages row: one user turn, one assistant turn."""
+
+
 def chatml_pieces(messages: list[dict[str, str]]) -> list[tuple[str, str]]:
     """SmolLM2's ChatML rendering as (kind, text) pieces, written by hand: kind is 'special'
     (one special token), 'text' (template text), 'content' or 'answer' (assistant content)."""
