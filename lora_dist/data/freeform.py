@@ -8,17 +8,15 @@ over the rows that have a reference: exact match (after collapsing whitespace) a
 (rouge-score, no stemming), both x100.
 
 `evaluate_generations` shards the rows over data-parallel ranks exactly as task evaluation
-does (lora_dist.evaluate), so it runs under ZeRO-3; the caller passes the collectives.
+does (lora_dist.training.evaluation), so it runs under ZeRO-3; the caller passes the
+collectives. Records go to a JSONL file with lora_dist.atomic.write_jsonl_atomic.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import datasets
@@ -158,14 +156,3 @@ def evaluate_generations(
         for i, it in enumerate(items)
     ]
     return metrics, records
-
-
-def write_generations(path: Path, records: list[dict[str, Any]]) -> None:
-    """One JSON object per line, written to a temporary file and renamed into place."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)

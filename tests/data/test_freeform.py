@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from lora_dist.atomic import write_jsonl_atomic
 from lora_dist.data.chat import ChatRenderer
 from lora_dist.data.freeform import (
     evaluate_generations,
     generation_items,
     perplexity,
     score_generations,
-    write_generations,
 )
 from lora_dist.data.reading import read_rows
 from tests.data.chat_data import CONVERSATIONS, smollm2_tokenizer, write_jsonl
@@ -122,7 +122,8 @@ def test_sharded_generations_match_a_plain_greedy_loop(tmp_path: Path, tok) -> N
         model, tok, items, 0, 2, MAX_NEW, 2, gather=lambda part: [part, *sent]
     )
     assert sharded == metrics and sharded_records == records
-    write_generations(tmp_path / "out" / "generations.jsonl", records)
+    (tmp_path / "out").mkdir()
+    write_jsonl_atomic(tmp_path / "out" / "generations.jsonl", records)
     lines = (tmp_path / "out" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == records
     assert set(records[0]) == {"index", "row", "prompt", "prediction", "reference"}
