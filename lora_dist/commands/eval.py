@@ -1,6 +1,9 @@
 """Generate on a dev split and score it with the task metric; write eval.json and predictions.
 
-Loads a base (+ an adapter, merged or not, under ZeRO-3 or not). Launch forms that work:
+Loads a base (+ an adapter, merged or not, under ZeRO-3 or not). With `--data` naming your own
+chat or prompt/completion file, every row is answered (a conversation ending on an assistant
+turn is asked what comes before it) and scored by exact match and ROUGE-L where the data holds
+the answer; the answers go to generations.jsonl. Launch forms that work:
 
     lora-dist eval --adapter runs/x/adapter --limit 64
     deepspeed --num_gpus 2 --module lora_dist.cli eval --ds_config Z3.json ...
@@ -14,7 +17,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import deepspeed
 import torch
@@ -24,12 +27,16 @@ from lora_dist import cli
 from lora_dist.adapter import load_adapter, read_adapter_config, resolve_adapter_dir
 from lora_dist.atomic import write_json_atomic, write_jsonl_atomic
 from lora_dist.commands.options import Options, option
+from lora_dist.data.chat import ChatRenderer
+from lora_dist.data.freeform import evaluate_generations, generation_items
+from lora_dist.data.reading import is_user_data, read_rows
+from lora_dist.distributed.collective import all_done_fn, gather_objects_to_main, node_main_first
 from lora_dist.distributed.ds_config import inference_config, load_ds_config, tp_size
 from lora_dist.distributed.launch import discover_ranks, init_distributed, prepare_rank_process
 from lora_dist.distributed.loading import load_base_model
 from lora_dist.distributed.zero import lora_persistence_threshold, merge_sharded, zero_stage
 from lora_dist.errors import ConfigError
-from lora_dist.models import resolve_model_dir
+from lora_dist.models import cache_root, resolve_model_dir
 from lora_dist.settings import existing_dir, existing_file, output_dir
 from lora_dist.tasks import TASK_MODULES, get_task
 from lora_dist.training.evaluation import DataShard, Decoding, EvalSplit, evaluate_task
@@ -48,7 +55,14 @@ class EvalOptions(Options):
     task: str = "wikisql"
     """task: wikisql, e2e, samsum or mnli"""
     data: str | None = None
-    """directory of the task's files; default: the sample shipped with the task"""
+    """directory of the task's files (default: the sample shipped with the task), or your own
+    chat or prompt/completion file (.jsonl, .json, .parquet, .arrow, save_to_disk directory)"""
+    data_format: Literal["messages", "sharegpt", "alpaca", "completion"] | None = None
+    """the format of your own data (default: detected from its columns)"""
+    chat_template: str | None = None
+    """'plain' or a Jinja file, for a model whose tokenizer has no chat template"""
+    skip_bad_rows: bool = False
+    """skip unusable rows of your own data instead of stopping at the first"""
     split: str = "dev"
     """the split to generate on (the task's file names say which exist)"""
     merged: bool = False
@@ -67,7 +81,10 @@ class EvalOptions(Options):
     def validate(self) -> None:
         if self.task not in TASK_MODULES:
             raise ConfigError(f"--task {self.task!r} is not one of: {', '.join(TASK_MODULES)}")
-        existing_dir("--data", self.data)
+        if not is_user_data(self.data):
+            existing_dir("--data", self.data)
+        if self.chat_template not in (None, "plain"):
+            existing_file("--chat_template", self.chat_template)
         existing_dir("--adapter", self.adapter)
         existing_file("--ds_config", self.ds_config)
         output_dir("--output_dir", self.output_dir)
@@ -123,8 +140,61 @@ def load_for_eval(opts: EvalOptions, world_size: int, local_rank: int) -> EvalMo
     return EvalModel(engine.module.eval(), tokenizer, tp_size(raw), model_dir, adapter_dir)
 
 
+def evaluate_user_data(opts: EvalOptions) -> dict[str, Any] | None:
+    """`lora-dist eval --data FILE` on your own data; the eval.json payload on rank 0."""
+    info = discover_ranks()
+    if opts.ds_config or info.world_size > 1:
+        info = init_distributed()
+    with node_main_first(info.local_rank):
+        rows = read_rows(
+            str(opts.data),
+            cache_root() / "data",
+            opts.data_format,
+            opts.skip_bad_rows,
+            require_answer=False,
+        )
+    loaded = load_for_eval(opts, info.world_size, info.local_rank)
+    tokenizer = loaded.tokenizer
+    renderer = None if rows.fmt == "completion" else ChatRenderer(tokenizer, opts.chat_template)
+    items = generation_items(rows.dataset, rows.fmt, tokenizer, renderer, opts.limit)
+    metrics, records = evaluate_generations(
+        loaded.model,
+        tokenizer,
+        items,
+        info.rank // loaded.tp,
+        info.world_size // loaded.tp,
+        opts.max_new_tokens,
+        opts.batch_size,
+        all_done=all_done_fn(),
+        gather=gather_objects_to_main,
+    )
+    if info.rank != 0:
+        return None
+    out = Path(opts.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "data": str(opts.data),
+        "format": rows.fmt,
+        "metrics": metrics,
+        "n": len(records),
+        "bad_rows_skipped": rows.skipped,
+        "adapter": str(loaded.adapter_dir) if loaded.adapter_dir else None,
+        "base": str(loaded.base_dir),
+        "merged": opts.merged,
+        "max_new_tokens": opts.max_new_tokens,
+        "limit": opts.limit,
+        "world_size": info.world_size,
+    }
+    write_json_atomic(out / "eval.json", payload)
+    write_jsonl_atomic(out / "generations.jsonl", records)
+    print(f"{opts.data}: {json.dumps(metrics)} -> {out}", file=sys.stderr)
+    return payload
+
+
 def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
     """Run `lora-dist eval`; returns the eval.json payload on rank 0, None elsewhere."""
+    if is_user_data(opts.data):
+        return evaluate_user_data(opts)
     task = get_task(opts.task)
     data_dir = Path(opts.data) if opts.data else task.sample_dir()
     split = EvalSplit(task, data_dir, opts.split, opts.limit)

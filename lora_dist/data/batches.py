@@ -41,6 +41,13 @@ def _loss_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
+def token_lengths(tokens: datasets.Dataset) -> np.ndarray:
+    """Every example's length: user data's `length` column, else counted from input_ids."""
+    if "length" in tokens.column_names:
+        return np.asarray(tokens.with_format("numpy", columns=["length"])[:]["length"])
+    return np.fromiter((len(x) for x in tokens["input_ids"]), dtype=np.int64, count=len(tokens))
+
+
 def _rows(tokens: datasets.Dataset) -> datasets.Dataset:
     return tokens.with_format("numpy", columns=["input_ids", "labels"])
 
@@ -76,8 +83,7 @@ class PackedBatches:
     ) -> None:
         self.rows = _rows(tokens)
         if plan is None:
-            lengths = np.asarray(tokens.with_format("numpy", columns=["length"])[:]["length"])
-            plan = plan_packs(lengths, max_length)
+            plan = plan_packs(token_lengths(tokens), max_length)
         self.plan = plan
         self.pad_id = pad_id
         self.attention = packing_attention(attn_implementation)

@@ -115,9 +115,13 @@ def find_checkpoint(output_dir: Path, spec: str, log: Callable[[str], None]) -> 
 
 
 def check_compatible(path: Path, expected: dict[str, Any]) -> dict[str, Any]:
-    """Refuse a checkpoint from another base model or other LoRA settings; returns its manifest."""
+    """Refuse a checkpoint from another base model, other LoRA settings or other training data
+    (user data or packing: --data, --max_length, --packing); returns its manifest."""
     manifest = read_manifest(path) or {}
-    for key, label in (("base", "base model"), ("lora", "LoRA settings")):
+    labels = [("base", "base model"), ("lora", "LoRA settings")]
+    if "data" in manifest or "data" in expected:
+        labels.append(("data", "training data (--data, --max_length, --packing)"))
+    for key, label in labels:
         if manifest.get(key) != expected.get(key):
             raise CheckpointError(
                 f"{path} was written for a different {label}: checkpoint has "

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from lora_dist.data.reading import is_user_data
 from lora_dist.distributed.host_memory import MMAP_THRESHOLD
 from lora_dist.errors import ConfigError
 from lora_dist.models import BUILTIN, check_model
@@ -31,7 +32,26 @@ class TrainConfig(Options):
     task: str = "wikisql"
     """task: wikisql, e2e, samsum or mnli"""
     data: str | None = None
-    """directory of the task's files (default: the shipped sample)"""
+    """directory of the task's files (default: the shipped sample), or your own data: a
+    .jsonl/.json/.parquet/.arrow file or a save_to_disk directory (docs/user-data.md)"""
+    dev_data: str | None = None
+    """your own dev file, in the format of --data (default: --dev_fraction of --data)"""
+    dev_fraction: float = option(0.05, above=0, below=1)
+    """without --dev_data: the share of --data's rows held out for dev, chosen by --seed"""
+    data_format: Literal["messages", "sharegpt", "alpaca", "completion"] | None = None
+    """the format of your own data (default: detected from its columns)"""
+    skip_bad_rows: bool = False
+    """skip unusable rows of your own data and count them by kind, instead of stopping at the
+    first with its file and line"""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """your own data: truncate an example longer than --max_length, or drop it (both counted)"""
+    chat_template: str | None = None
+    """'plain' or a Jinja file, for a model whose tokenizer has no chat template (default: the
+    tokenizer's own)"""
+    packing: bool = False
+    """pack several examples into each --max_length row; train_batch_size then counts rows"""
+    data_cache: str | None = None
+    """where your own data is tokenized to, once per node (default: $LORA_DIST_CACHE/data)"""
     output_dir: str = "runs/default"
     """where adapter/, tensorboard/, checkpoints/ and metrics.json go"""
     max_steps: int | None = option(None, minimum=1)
@@ -90,7 +110,17 @@ class TrainConfig(Options):
         existing_file("--ds_config", self.ds_config)
         if self.model is not None and self.model not in BUILTIN:
             check_model(self.model)
-        existing_dir("--data", self.data)
+        if not is_user_data(self.data):
+            existing_dir("--data", self.data)
+        if self.dev_data is not None and not (
+            is_user_data(self.data) and is_user_data(self.dev_data)
+        ):
+            raise ConfigError(
+                f"--dev_data {self.dev_data} needs --data and --dev_data to be your own data "
+                "files (.jsonl, .json, .parquet, .arrow or a save_to_disk directory)"
+            )
+        if self.chat_template not in (None, "plain"):
+            existing_file("--chat_template", self.chat_template)
         output_dir("--output_dir", self.output_dir)
         if self.task not in TASK_MODULES:
             raise ConfigError(f"--task {self.task!r} is not one of: {', '.join(TASK_MODULES)}")

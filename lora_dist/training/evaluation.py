@@ -15,11 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import datasets
 import torch
 
 from lora_dist.atomic import write_jsonl_atomic
-from lora_dist.data import collate, encode_prompt
+from lora_dist.data import encode_prompt
+from lora_dist.data.batches import ExampleBatches, PackedBatches
 from lora_dist.distributed.collective import (
     all_done_fn,
     all_reduce_sum,
@@ -187,33 +187,31 @@ def evaluate_engine(
 @torch.no_grad()
 def dev_loss(
     engine: Any,
-    dataset: datasets.Dataset,
+    batches: ExampleBatches | PackedBatches,
     layout: BatchLayout,
     dp_rank: int,
-    pad_id: int,
     progress: Progress | None = None,
 ) -> float:
-    """Token-weighted mean loss over the whole split, sharded over data-parallel ranks.
+    """Token-weighted mean loss over the whole split (examples or packed rows, the same loss),
+    sharded over data-parallel ranks.
 
     Every rank runs the same number of forward passes (ZeRO-3 gathers collectively), so a
-    rank whose shard runs out repeats an example with weight zero.
+    rank whose shard runs out repeats a unit with weight zero.
     """
     engine.eval()
-    n, dp, micro = len(dataset), layout.dp, layout.micro_batch
+    n, dp, micro = len(batches), layout.dp, layout.micro_batch
     mine = list(range(dp_rank, n, dp))
-    batches = math.ceil(math.ceil(n / dp) / micro)
+    n_batches = math.ceil(math.ceil(n / dp) / micro)
     total = count = 0.0
-    for b in range(batches):
+    for b in range(n_batches):
         idx = mine[b * micro : (b + 1) * micro]
         weight = 1.0 if idx else 0.0
-        batch = collate([dataset[i] for i in idx or [0]], pad_id)
-        batch = {k: v.to(engine.device) for k, v in batch.items()}
-        loss = engine(**batch).loss.float().item()
-        tokens = float((batch["labels"][:, 1:] != -100).sum())
-        total += weight * loss * tokens
-        count += weight * tokens
+        batch = batches.batch(idx or [0], engine.device)
+        loss = engine(**batch.inputs).loss.float().item()
+        total += weight * loss * batch.loss_tokens
+        count += weight * batch.loss_tokens
         if progress is not None:
-            progress(b + 1, batches)
+            progress(b + 1, n_batches)
     engine.train()
     total, count = all_reduce_sum([total / layout.tp, count / layout.tp], engine.device)
     return total / max(count, 1.0)

@@ -23,9 +23,14 @@ from transformers import AutoTokenizer
 
 from lora_dist.adapter import AdapterSpec
 from lora_dist.atomic import write_json_atomic
-from lora_dist.data import collate, tokenize_split
+from lora_dist.data.freeform import perplexity
 from lora_dist.distributed.collective import all_reduce_sum
-from lora_dist.distributed.ds_config import batch_layout, load_ds_config, prepare_for_run
+from lora_dist.distributed.ds_config import (
+    batch_layout,
+    load_ds_config,
+    model_dtype,
+    prepare_for_run,
+)
 from lora_dist.distributed.engine_state import seed_everything
 from lora_dist.distributed.host_memory import pin_mmap_threshold
 from lora_dist.distributed.launch import init_distributed
@@ -50,6 +55,7 @@ from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
 from lora_dist.training.checkpointer import Checkpointer, run_identity
 from lora_dist.training.config import TrainConfig
+from lora_dist.training.data import generation_eval, load_training_data
 from lora_dist.training.evaluation import DataShard, Decoding, EvalSplit, dev_loss, evaluate_engine
 from lora_dist.training.monitor import Monitor, memory_kind, peak_memory_bytes
 from lora_dist.training.schedule import DataOrder, lr_multiplier
@@ -79,19 +85,17 @@ class Trainer:
         self.tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
         self.task = get_task(cfg.task)
         self.data_dir = Path(cfg.data) if cfg.data else self.task.sample_dir()
-        self.train_set = tokenize_split(
-            self.task, self.data_dir, "train", self.tokenizer, cfg.max_length
-        )
-        self.dev_set = tokenize_split(
-            self.task, self.data_dir, "dev", self.tokenizer, cfg.max_length
-        )
-        self.order = DataOrder(len(self.train_set), self.layout.global_batch, cfg.seed)
+        self.data = load_training_data(cfg, self.tokenizer, self.task, self.ranks.local_rank)
+        self.order = DataOrder(self.data.units, self.layout.global_batch, cfg.seed)
         self.total_steps = cfg.max_steps or max(1, int(cfg.epochs * self.order.steps_per_epoch))
         self.eval_every = cfg.eval_every or max(1, self.total_steps // 5)
         self.monitor = Monitor(self.out, self.is_main, self.total_steps)
 
         base_cfg = prepare_for_run(raw_cfg, self.layout, self.out, None, cfg.lr)
         model = load_base_model(self.model_dir, zero_init_config(base_cfg), self.stage)
+        self.train_batches, self.dev_batches = self.data.batches(
+            self.tokenizer.pad_token_id, model.config._attn_implementation, model_dtype(raw_cfg)
+        )
         self.mpu = shard_base_for_tp(model, base_cfg)  # AutoTP must see the bare linears
         self.adapter: AdapterSpec | None = None
         """What the adapter files record; None under --full_finetune, which ships no adapter."""
@@ -109,6 +113,8 @@ class Trainer:
             identity = run_identity(
                 self.model_dir, self.adapter.config, self.adapter.target_modules
             )
+            if self.data.identity() is not None:  # user data or packing: resume onto the same
+                identity["data"] = self.data.identity()
             self.checkpointer = Checkpointer(
                 self.out,
                 identity,
@@ -182,21 +188,38 @@ class Trainer:
     def dev_loss(self) -> float:
         """The dev split's token-weighted loss (collective), logged with its own progress."""
         with self.monitor.phase(f"dev loss at step {self.step}") as progress:
-            loss = dev_loss(
-                self.engine,
-                self.dev_set,
-                self.layout,
-                self.dp_rank,
-                self.tokenizer.pad_token_id,
-                progress,
-            )
-        self.monitor.scalars(self.step, {"dev/loss": loss})
+            loss = dev_loss(self.engine, self.dev_batches, self.layout, self.dp_rank, progress)
+        self.monitor.scalars(self.step, {"dev/loss": loss, "dev/perplexity": perplexity(loss)})
         return loss
 
     def task_eval(self) -> dict[str, float] | None:
-        """Greedy generation on the dev split, scored by the task (collective; rank 0 returns)."""
+        """Greedy generation on the dev split, scored by the task, or by exact match and ROUGE-L
+        for user data (collective; rank 0 returns)."""
         cfg = self.cfg
         self.engine.eval()
+        if self.data.user is not None:
+            path = self.out / "eval" / f"generations_step{self.step}.jsonl"
+            with self.monitor.phase(f"generation eval at step {self.step}"):
+                metrics = generation_eval(
+                    self.engine.module,
+                    self.tokenizer,
+                    self.data.user,
+                    cfg,
+                    self.dp_rank,
+                    self.layout.dp,
+                    path,
+                )
+        else:
+            metrics = self._task_metrics()
+        self.engine.train()
+        if metrics is not None:
+            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
+            self.monitor.scalars(self.step, {f"dev/{k}": v for k, v in numeric.items()})
+            self.monitor.log(f"step {self.step}: dev generations {numeric}")
+        return metrics
+
+    def _task_metrics(self) -> dict[str, float] | None:
+        cfg = self.cfg
         with self.monitor.phase(f"{self.task.name} eval at step {self.step}") as progress:
             metrics = evaluate_engine(
                 self.engine.module,
@@ -207,11 +230,6 @@ class Trainer:
                 self.out / "eval" / f"predictions_step{self.step}.jsonl",
                 progress,
             )
-        self.engine.train()
-        if metrics is not None:
-            numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
-            self.monitor.scalars(self.step, {f"dev/{k}": v for k, v in numeric.items()})
-            self.monitor.log(f"step {self.step}: dev {self.task.name} {numeric}")
         return metrics
 
     # -- training -------------------------------------------------------------------------------
@@ -221,13 +239,12 @@ class Trainer:
         )
         losses, tokens = [], 0.0
         for indices in micro_batches:
-            batch = collate([self.train_set[i] for i in indices], self.tokenizer.pad_token_id)
-            batch = {k: v.to(self.device) for k, v in batch.items()}
-            loss = self.engine(**batch).loss
+            batch = self.train_batches.batch(indices, self.device)
+            loss = self.engine(**batch.inputs).loss
             self.engine.backward(loss)
             self.engine.step()
             losses.append(loss.detach().float().item())
-            tokens += float(batch["attention_mask"].sum())
+            tokens += float(batch.tokens)
         loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens], self.device)
         grad_norm = self.engine.get_global_grad_norm()
         return {
@@ -245,6 +262,7 @@ class Trainer:
             f"{layout.global_batch} = micro {layout.micro_batch} x accum "
             f"{layout.grad_accum} x DP {layout.dp}; {self.total_steps} steps on {self.device}"
         )
+        mon.log(self.data.summary())
         first_dev = dev = self.dev_loss()
         mon.log(f"step {self.step}: dev loss {first_dev:.4f}")
         mon.start(self.step)
@@ -333,6 +351,8 @@ class Trainer:
             "train_loss": last.get("loss"),
             "dev_loss_initial": first_dev,
             "dev_loss": dev,
+            "dev_perplexity": perplexity(dev),
+            "data": self.data.report(),
             "task_metrics": self.task_metrics,
             "tokens_per_s": tps,
             "step_time_median_s": float(np.median(self.step_times)) if self.step_times else None,

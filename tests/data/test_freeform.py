@@ -127,3 +127,39 @@ def test_sharded_generations_match_a_plain_greedy_loop(tmp_path: Path, tok) -> N
     lines = (tmp_path / "out" / "generations.jsonl").read_text(encoding="utf-8").splitlines()
     assert [json.loads(line) for line in lines] == records
     assert set(records[0]) == {"index", "row", "prompt", "prediction", "reference"}
+
+
+def test_eval_command_on_a_chat_file_with_the_default_model(tmp_path: Path, monkeypatch) -> None:
+    """`lora-dist eval --data chats.jsonl` answers with SmolLM2 itself: the answer it is known
+    to give scores an exact match, a wrong reference does not, a user-final row is unscored."""
+    from lora_dist.cli import main as cli_main
+    from lora_dist.models import resolve_model_dir
+    from tests import runs
+
+    monkeypatch.setenv("LORA_DIST_CACHE", str(runs.CACHE))
+    question = [{"role": "user", "content": "What is the capital of France?"}]
+    rows = [
+        {
+            "messages": [
+                *question,
+                {"role": "assistant", "content": "The capital of France is Paris."},
+            ]
+        },
+        {"messages": [*question, {"role": "assistant", "content": "Lyon, obviously."}]},
+        {"messages": question},
+    ]
+    data = write_jsonl(tmp_path / "chats.jsonl", rows)
+    out = tmp_path / "eval"
+    model = str(resolve_model_dir(None, runs.CACHE))
+    flags = ["--model", model, "--data", str(data), "--max_new_tokens", "12", "--batch_size", "3"]
+    assert cli_main(["eval", "--output_dir", str(out), *flags]) == 0
+    payload = json.loads((out / "eval.json").read_text())
+    records = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [r["prediction"] for r in records] == ["The capital of France is Paris."] * 3
+    assert payload["format"] == "messages" and payload["metrics"]["n_scored"] == 2
+    assert payload["metrics"]["exact_match"] == 50.0
+    assert [r["reference"] for r in records] == [
+        "The capital of France is Paris.",
+        "Lyon, obviously.",
+        None,
+    ]
