@@ -69,6 +69,19 @@ def test_compatibility_is_the_base_and_the_lora_settings(tmp_path: Path) -> None
     other_base = {**IDENTITY, "base": {"config_sha256": "x", "weights_index_sha256": "w"}}
     with pytest.raises(CheckpointError, match="different base model"):
         check_compatible(path, other_base)
+    # A run on user data or with --packing adds its data identity; either side having one and
+    # the other not (or another) refuses the resume: the same step would draw other rows.
+    packed = {"units": 98, "lengths_sha256": "l", "packs": "p"}
+    with pytest.raises(CheckpointError, match="different training data"):
+        check_compatible(path, {**IDENTITY, "data": packed})
+    data_path = write_checkpoint(
+        tmp_path / "d", 2, lambda tmp: None, {**IDENTITY, "data": packed}, 2
+    )
+    assert check_compatible(data_path, {**IDENTITY, "data": packed})["step"] == 2
+    for other in (None, {**packed, "packs": None}):
+        expected = {**IDENTITY, "data": other} if other else IDENTITY
+        with pytest.raises(CheckpointError, match="different training data"):
+            check_compatible(data_path, expected)
 
 
 def test_base_fingerprint_follows_weights_and_architecture_not_names(tmp_path: Path) -> None:
