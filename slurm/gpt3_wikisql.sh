@@ -22,8 +22,8 @@
 #     grads and fp32 Adam m, v and master copy (16 B/param) that is 0.3 GB for the whole job.
 #   Activations, checkpointing on, micro-batch 1 x 2048 tokens: 96 saved layer inputs x 2048 x
 #     12288 x 2 B = 4.8 GB per GPU (the 8 TP ranks each hold them); plan: 5.2 GiB with the rest.
-#   Plan's total per GPU: 49.3 GiB on 1 node, 28.9 on 2, 18.6 on 4 (full fine-tuning: 334, 171,
-#     90 GiB: it fits nowhere here, which is the paper's point).
+#   Plan's total per GPU: 49.4 GiB on 1 node, 28.9 on 2, 18.6 on 4 (full fine-tuning: 338, 175,
+#     94 GiB: it fits nowhere here, which is the paper's point).
 #   1 node fits 80 GiB GPUs with 30 GiB to spare but gives data parallelism 1, i.e. 128 micro-
 #   batches of gradient accumulation per step. 2 nodes (DP 2, 64 micro-batches) is the default;
 #   more nodes only buy throughput. On 32 GiB V100s (the paper's hardware) use --nodes=16 or more.
