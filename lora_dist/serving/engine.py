@@ -13,6 +13,7 @@ from any thread. Updates are delivered through each request's `on_update`, on th
 
 from __future__ import annotations
 
+import copy
 import sys
 import threading
 import traceback
@@ -99,7 +100,8 @@ class Engine:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
         self.model = model
-        self.tokenizer = tokenizer
+        # Its own copy: a server encodes prompts with the original on another thread.
+        self.tokenizer = copy.deepcopy(tokenizer)
         self.max_batch_size = max_batch_size
         limit = getattr(model.config, "max_position_embeddings", None) or 2048
         self.max_model_len = min(max_model_len or limit, limit)

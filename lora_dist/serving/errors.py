@@ -23,14 +23,8 @@ class RequestError(UserError):
 
     @property
     def type(self) -> str:
-        """OpenAI's error type for the status."""
-        if self.status == 401:
-            return "authentication_error"
-        if self.status == 404:
-            return "not_found_error"
-        if self.status >= 500:
-            return "server_error"
-        return "invalid_request_error"
+        """OpenAI's error type: every client error is an invalid request."""
+        return "server_error" if self.status >= 500 else "invalid_request_error"
 
     def body(self) -> dict:
         """The JSON body OpenAI's API answers errors with."""

