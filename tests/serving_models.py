@@ -112,3 +112,37 @@ def default_gguf() -> tuple[str, str] | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def peft_model(base: torch.nn.Module, adapters: dict[str, Path]):
+    """`base` under PEFT with every adapter loaded by name (the reference for one adapter)."""
+    from peft import PeftModel
+
+    names = list(adapters)
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    return model.eval()
+
+
+@torch.no_grad()
+def peft_greedy(
+    model, name: str | None, prompt_ids: list[int], max_tokens: int, eos: int
+) -> list[int]:
+    """Greedy continuation by PEFT with adapter `name` alone (None: adapters disabled)."""
+    from contextlib import nullcontext
+
+    ids = torch.tensor([prompt_ids])
+    if name is not None:
+        model.set_adapter(name)
+    with model.disable_adapter() if name is None else nullcontext():
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+    tokens = out[0, len(prompt_ids) :].tolist()
+    return tokens[: tokens.index(eos)] if eos in tokens else tokens

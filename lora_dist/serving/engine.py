@@ -304,7 +304,10 @@ class Engine:
         self._running, self._batch = [], None
 
     def run(self, requests: list[Request]) -> list[Result]:
-        """Offline: run `requests` to the end with continuous batching; results in their order."""
+        """Offline: run `requests` to the end with continuous batching; results in their order.
+
+        A request's own `on_update` still sees every update.
+        """
         results: dict[str, Result] = {}
         texts: dict[str, list[str]] = {r.request_id: [] for r in requests}
 
@@ -322,7 +325,8 @@ class Engine:
                 )
 
         for request in requests:
-            request.on_update = collect
+            also = request.on_update
+            request.on_update = collect if also is None else lambda u, f=also: (collect(u), f(u))
             self.submit(request)
         while self.has_work():
             self.step()
