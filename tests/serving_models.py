@@ -16,7 +16,6 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 from lora_dist.adapter import lora_state_dict, save_adapter
 from lora_dist.inject import InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig
-from tests.tiny_models import randomize_lora_b
 
 CORPUS = Path(__file__).resolve().parent.parent / "lora_dist" / "assets" / "corpus.txt"
 CHATML = (
@@ -88,10 +87,15 @@ def unwrap(model: torch.nn.Module, report: InjectionReport) -> None:
     model.requires_grad_(False)
 
 
-def random_adapter(model: torch.nn.Module, cfg: LoraConfig, out: Path, seed: int) -> Path:
-    """Write an adapter with non-zero random B for `model` (left as it was) to `out`."""
+def random_adapter(
+    model: torch.nn.Module, cfg: LoraConfig, out: Path, seed: int, scale: float = 1.0
+) -> Path:
+    """Write an adapter with random B (std `scale`) for `model` (left as it was) to `out`."""
     report = inject_lora(model, cfg)
-    randomize_lora_b(model, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in report.layers.values():
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=gen) * scale)
     save_adapter(out, lora_state_dict(model), cfg, report.target_modules, model.config, "tiny")
     unwrap(model, report)
     return out
