@@ -8,7 +8,9 @@ The base matmul W0·x runs once for the whole batch. Per module, the factors of 
 target it are stacked, zero-padded to the largest rank among them: A as (n+1, r_max, in) and
 B as (n+1, out, r_max), index 0 all zeros. A forward pass gathers each row's A and B by its
 adapter's index and runs two batched matmuls, which is Punica/S-LoRA's BGMV written in plain
-torch. The zero padding adds exact zeros, so a row computes what that adapter alone computes.
+torch. Rows are grouped by their adapter's rank and gather the stacks cut to that rank, so no
+work goes into the padding and each row's matmuls have the shapes its adapter alone would have:
+in fp32 a row gives PEFT's numbers with that adapter.
 
 Nothing is merged and the base weights are never written: adapters are added and removed by
 rebuilding the small stacks, between forward passes. Reading an adapter directory (PEFT's
@@ -69,16 +71,48 @@ class AdapterFactors:
         return sum(a.numel() + b.numel() for a, b in self.factors.values())
 
 
+@dataclass(frozen=True)
+class RankGroup:
+    """The rows of a batch whose adapters have one rank: one gather and two bmms per module."""
+
+    rank: int
+    slots: torch.Tensor
+    """(rows in the group,) their adapter slots."""
+    rows: torch.Tensor | None
+    """Their row indices in the batch; None when the group is the whole batch."""
+    members: frozenset[int]
+    """The distinct slots in the group."""
+
+
 class RowAdapters:
     """The slot of each row of the batch being run, shared by every MultiLoraLinear of a model."""
 
     def __init__(self, capacity: int) -> None:
         self.capacity = capacity
         """Slots are 0..capacity-1."""
-        self.index: torch.Tensor | None = None
-        """(rows,) slot of each row, or None outside a forward pass."""
-        self.active: frozenset[int] = frozenset()
-        """The adapter slots that some row uses (not 0)."""
+        self.batch = 0
+        """Rows in the batch being run (0 outside a forward pass)."""
+        self.groups: list[RankGroup] = []
+        """The rows that use an adapter, grouped by the adapter's rank (rows of the base: none)."""
+
+    def set(self, slots: list[int], ranks: dict[int, int], device: torch.device) -> None:
+        """Group the rows of a batch with these slots by rank; `ranks` maps slot -> rank."""
+        by_rank: dict[int, list[int]] = {}
+        for row, slot in enumerate(slots):
+            if slot != BASE_SLOT:
+                by_rank.setdefault(ranks[slot], []).append(row)
+        groups = []
+        for rank, rows in sorted(by_rank.items()):
+            whole = len(rows) == len(slots)
+            groups.append(
+                RankGroup(
+                    rank=rank,
+                    slots=torch.tensor([slots[r] for r in rows], dtype=torch.long, device=device),
+                    rows=None if whole else torch.tensor(rows, dtype=torch.long, device=device),
+                    members=frozenset(slots[r] for r in rows),
+                )
+            )
+        self.batch, self.groups = len(slots), groups
 
 
 class MultiLoraLinear(nn.Module):
@@ -133,17 +167,26 @@ class MultiLoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.base_layer(x)
-        index = self.rows.index
-        if index is None or self._stacks is None or self.rows.active.isdisjoint(self._adapters):
+        if self._stacks is None or not self.rows.groups:
             return out
+        if self.rows.batch != x.shape[0]:
+            raise ValueError(f"{self.rows.batch} row slots for a batch of {x.shape[0]} rows")
         local, a_stack, b_stack, scales = self._stacks
-        if index.shape[0] != x.shape[0]:
-            raise ValueError(f"{index.shape[0]} row slots for a batch of {x.shape[0]} rows")
-        pos = local[index]  # rows whose adapter does not adapt this module gather the zeros
-        rows = x.to(a_stack.dtype).reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
-        shrunk = torch.bmm(rows, a_stack[pos].transpose(1, 2))  # (batch, tokens, r_max)
-        delta = torch.bmm(shrunk, b_stack[pos].transpose(1, 2)) * scales[pos].view(-1, 1, 1)
-        return out + delta.reshape(out.shape).to(out.dtype)
+        for group in self.rows.groups:
+            if group.members.isdisjoint(self._adapters):
+                continue
+            # Each row gathers its adapter's factors at the group's rank: no flops on padding,
+            # and the same matmul shapes as that adapter alone. Rows whose adapter does not
+            # adapt this module gather stack entry 0, all zeros.
+            pos = local[group.slots]
+            rows = x if group.rows is None else x.index_select(0, group.rows)
+            rows = rows.to(a_stack.dtype).reshape(rows.shape[0], -1, x.shape[-1])
+            shrunk = torch.bmm(rows, a_stack[:, : group.rank][pos].transpose(1, 2))
+            expand = b_stack[:, :, : group.rank][pos].transpose(1, 2)
+            delta = torch.bmm(shrunk, expand) * scales[pos].view(-1, 1, 1)
+            delta = delta.reshape(-1, *out.shape[1:]).to(out.dtype)
+            out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
+        return out
 
     def extra_repr(self) -> str:
         return f"slots={self.slots}"
@@ -293,17 +336,17 @@ class MultiLoraModel:
     @contextmanager
     def using(self, slots: Sequence[int] | torch.Tensor) -> Iterator[None]:
         """Run forward passes whose row i uses the adapter in `slots[i]` (0: the bare base)."""
-        index = torch.as_tensor(slots, dtype=torch.long, device=self.device)
-        active = frozenset(int(s) for s in index.tolist()) - {BASE_SLOT}
-        unknown = sorted(active - set(self.adapters))
+        slots = [int(s) for s in (slots.tolist() if isinstance(slots, torch.Tensor) else slots)]
+        unknown = sorted(set(slots) - set(self.adapters) - {BASE_SLOT})
         if unknown:
             raise KeyError(f"no adapter in slots {unknown}")
-        saved = self.rows.index, self.rows.active
-        self.rows.index, self.rows.active = index, active
+        saved = self.rows.batch, self.rows.groups
+        ranks = {slot: adapter.config.r for slot, adapter in self.adapters.items()}
+        self.rows.set(slots, ranks, self.device)
         try:
             yield
         finally:
-            self.rows.index, self.rows.active = saved
+            self.rows.batch, self.rows.groups = saved
 
     def __call__(self, slots: Sequence[int] | torch.Tensor, **inputs):
         """The wrapped model's forward with row i using the adapter in `slots[i]`."""

