@@ -29,6 +29,8 @@ COMMANDS: dict[str, str | dict[str, str]] = {
         "similarity": "lora_dist.commands.analyze.similarity",
         "amplification": "lora_dist.commands.analyze.amplification",
     },
+    "generate": "lora_dist.commands.generate",
+    "serve": "lora_dist.commands.serve",
 }
 DEBUG_ENV = "LORA_DIST_DEBUG"
 

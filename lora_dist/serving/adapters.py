@@ -84,7 +84,7 @@ class AdapterRegistry:
         with self._lock:
             slot = self._slots.get(name)
             if slot is None:
-                raise unknown_model(name)
+                raise unknown_model(name, [self.base_name, *self._slots])
             self._refs[slot] += 1
             return slot
 
@@ -151,7 +151,7 @@ class AdapterRegistry:
                 raise RequestError("the base model cannot be unloaded", param="lora_name")
             slot = self._slots.pop(name, None)
             if slot is None:
-                raise unknown_model(name)
+                raise unknown_model(name, [self.base_name, *self._slots])
             del self._info[name]
             self._retired.add(slot)
         self.collect()

@@ -38,10 +38,11 @@ class RequestError(UserError):
         }
 
 
-def unknown_model(name: str) -> RequestError:
+def unknown_model(name: str, known: list[str]) -> RequestError:
     """404 for a `model` that names neither the base nor a loaded adapter."""
+    shown = ", ".join(known[:8]) + (", ..." if len(known) > 8 else "")
     return RequestError(
-        f"The model `{name}` does not exist; GET /v1/models lists the base and its adapters.",
+        f"The model `{name}` does not exist; the models are: {shown}",
         status=404,
         code="model_not_found",
         param="model",

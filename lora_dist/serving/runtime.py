@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 
@@ -23,8 +23,10 @@ from lora_dist.errors import ModelError
 from lora_dist.multi_lora import MultiLoraModel
 from lora_dist.serving.adapters import AdapterRegistry
 from lora_dist.serving.engine import Engine
-from lora_dist.serving.server import ServerSettings, create_app
 from lora_dist.serving.worker import EngineWorker
+
+if TYPE_CHECKING:  # the HTTP stack is optional: `generate` runs without it
+    from lora_dist.serving.server import ServerSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -68,6 +70,7 @@ def build(
     max_adapters: int = 32,
     max_batch_size: int = 16,
     max_model_len: int | None = 2048,
+    max_waiting: int = 1024,
     dtype: Dtype = "fp32",
     device: str = "cpu",
     with_app: bool = True,
@@ -83,11 +86,14 @@ def build(
         tokenizer,
         max_batch_size=max_batch_size,
         max_model_len=max_model_len,
+        max_waiting=max_waiting,
         on_finish=lambda request: registry.release(request.slot),
     )
     worker = EngineWorker(engine, registry)
     service = Service(registry, engine, worker, tokenizer)
     if with_app:
+        from lora_dist.serving.server import create_app
+
         service.app = create_app(worker, registry, tokenizer, settings)
     return service
 
@@ -137,3 +143,27 @@ def serving(service: Service, host: str = "127.0.0.1", port: int = 0) -> Iterato
         thread.join(10)
         service.worker.stop()
         sock.close()
+
+
+def adapter_specs(specs: list[str]) -> dict[str, str]:
+    """`--adapter NAME=DIR` flags as {name: directory}; a malformed or repeated one is refused."""
+    from lora_dist.errors import ConfigError
+
+    adapters: dict[str, str] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ConfigError(f"--adapter {spec!r}: write NAME=DIR, e.g. --adapter sql=runs/sql")
+        if name in adapters:
+            raise ConfigError(f"--adapter {name} is given twice; each name serves one adapter")
+        adapters[name] = path
+    return adapters
+
+
+def resolve_base(spec: str | None) -> tuple[Path, str]:
+    """(directory, name in the API) of `--base`: a built-in model's name, or a directory's."""
+    from lora_dist.models import BUILTIN, DEFAULT_MODEL, resolve_model_dir
+
+    name = spec or DEFAULT_MODEL
+    directory = resolve_model_dir(name)
+    return directory, name if name in BUILTIN else directory.resolve().name
