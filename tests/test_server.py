@@ -130,6 +130,29 @@ def test_adapters_load_and_unload_while_serving(served):
     assert not served[4].registry.model.adapters.get(5)  # the slot was freed
 
 
+def test_a_client_that_leaves_a_stream_aborts_its_request(served):
+    url, service = served[0], served[4]
+    ends = []
+    release = service.engine.on_finish
+    service.engine.on_finish = lambda request, update: (
+        ends.append(update),
+        release(request, update),
+    )
+    body = {"model": "qv-r2", "prompt": "Go on", "max_tokens": 200, "ignore_eos": True}
+    try:
+        with httpx.Client(base_url=url, timeout=30) as http:
+            with http.stream("POST", "/v1/completions", json={**body, "stream": True}) as events:
+                next(line for line in events.iter_lines() if line.startswith("data:"))
+        deadline = time.monotonic() + 30
+        while not ends and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        service.engine.on_finish = release
+    assert [u.finish_reason for u in ends] == ["abort"]
+    assert ends[0].completion_tokens < 200
+    assert service.engine.running == 0 and not any(service.registry._refs.values())
+
+
 def _error(response: httpx.Response, status: int) -> dict:
     assert response.status_code == status, response.text
     error = response.json()["error"]

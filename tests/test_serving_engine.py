@@ -131,7 +131,7 @@ def test_top_p_keeps_only_the_nucleus():
 def test_limits_and_abort(tiny):
     tokenizer, mixed, slots, _ = tiny
     finished = []
-    engine = Engine(mixed, tokenizer, max_model_len=40, on_finish=finished.append)
+    engine = Engine(mixed, tokenizer, max_model_len=40, on_finish=lambda r, _: finished.append(r))
     with pytest.raises(RequestError, match="maximum context length is 40") as err:
         engine.submit(Request(list(range(30)), _greedy(11)))
     assert err.value.code == "context_length_exceeded" and err.value.status == 400

@@ -95,7 +95,7 @@ class Engine:
         max_model_len: int | None = None,
         max_prefill_tokens: int = 4096,
         max_waiting: int = 1024,
-        on_finish: Callable[[Request], None] | None = None,
+        on_finish: Callable[[Request, Update], None] | None = None,
     ) -> None:
         if max_batch_size < 1:
             raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
@@ -162,7 +162,7 @@ class Engine:
         if request.on_update is not None:
             request.on_update(update)
         if self.on_finish is not None:
-            self.on_finish(request)
+            self.on_finish(request, update)
 
     def _take(self) -> list[Request]:
         """Drop aborted requests; pop the waiting requests that join at this step."""

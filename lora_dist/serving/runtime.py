@@ -87,7 +87,7 @@ def build(
         max_batch_size=max_batch_size,
         max_model_len=max_model_len,
         max_waiting=max_waiting,
-        on_finish=lambda request: registry.release(request.slot),
+        on_finish=lambda request, _: registry.release(request.slot),
     )
     worker = EngineWorker(engine, registry)
     service = Service(registry, engine, worker, tokenizer)
