@@ -10,7 +10,8 @@ B as (n+1, out, r_max), index 0 all zeros. A forward pass gathers each row's A a
 adapter's index and runs two batched matmuls, which is Punica/S-LoRA's BGMV written in plain
 torch. Rows are grouped by their adapter's rank and gather the stacks cut to that rank, so no
 work goes into the padding and each row's matmuls have the shapes its adapter alone would have:
-in fp32 a row gives PEFT's numbers with that adapter.
+a row computes what PEFT computes with that adapter, up to fp32 rounding in the GEMM kernels
+(bitwise, except rows that fall in a kernel's tail block: see tests/test_serving_default_model).
 
 Nothing is merged and the base weights are never written: adapters are added and removed by
 rebuilding the small stacks, between forward passes. Reading an adapter directory (PEFT's

@@ -216,6 +216,7 @@ def test_bad_requests_get_openai_errors(served):
     os.symlink(other / "model.safetensors", escape / "adapter_model.safetensors")
     assert "links outside" in _error(load("e", escape), 403)["message"]
     assert _error(load("bad name!", mismatch), 400)["param"] == "lora_name"
+    assert _error(load("n", "a\x00b"), 400)["param"] == "lora_path"
     names = [m["id"] for m in http.get("/v1/models").json()["data"]]
     assert names == ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r1"]
 

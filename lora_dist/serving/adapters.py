@@ -40,7 +40,11 @@ class AdapterInfo:
 def checked_adapter_dir(path: str | Path, roots: list[Path] | None) -> Path:
     """`path` resolved, refused unless it lies under a root (when roots are given) and none of
     the adapter files it holds is a link that leaves it."""
-    resolved = Path(path).resolve()
+    try:
+        resolved = Path(path).resolve()
+    except (OSError, ValueError) as exc:
+        message = f"lora_path {path!r} is not a usable path: {exc}"
+        raise RequestError(message, param="lora_path") from exc
     if roots is not None and not any(resolved.is_relative_to(root) for root in roots):
         raise RequestError(
             f"{path} is not under an allowed adapter root", status=403, param="lora_path"

@@ -78,7 +78,9 @@ class Guard:
                     code="invalid_api_key",
                 )
         length = headers.get(b"content-length", b"0")
-        if error is None and (not length.isdigit() or int(length) > self.max_body):
+        if error is None and not length.isdigit():
+            error = RequestError("the Content-Length header is not a number")
+        elif error is None and int(length) > self.max_body:
             error = self._too_large()
         if error is not None:
             return await _error_response(error)(scope, receive, send)
