@@ -167,6 +167,8 @@ def test_bad_requests_get_openai_errors(served):
     post = http.post
     body = {"model": "nope", "prompt": "hi", "max_tokens": 2}
     assert _error(post("/v1/completions", json=body), 404)["code"] == "model_not_found"
+    chat = {"model": "nope", "messages": [{"role": "user", "content": "x" * 2000}]}
+    assert _error(post("/v1/chat/completions", json=chat), 404)["param"] == "model"
     bad_json = post(
         "/v1/completions",
         content=b'{"model": "tiny-base", "prompt": ',

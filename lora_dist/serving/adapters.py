@@ -81,6 +81,12 @@ class AdapterRegistry:
         with self._lock:
             return list(self._info.values())
 
+    def check_known(self, name: str) -> None:
+        """404 unless `name` is the base or a loaded adapter."""
+        with self._lock:
+            if name != self.base_name and name not in self._slots:
+                raise unknown_model(name, [self.base_name, *self._slots])
+
     def acquire(self, name: str) -> int:
         """The slot of model `name` (the base is 0), held until `release`; 404 if unknown."""
         if name == self.base_name:

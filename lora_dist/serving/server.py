@@ -186,6 +186,7 @@ def create_app(
     @app.post("/v1/completions")
     async def completions(request: Request) -> Any:
         body = p.parse_body(await request.body(), p.CompletionRequest)
+        registry.check_known(body.model)
         body.refuse_unsupported()
         prompts = [encode_prompt(tokenizer, text) for text in body.prompts]
         requested = 16 if body.max_tokens is None else body.max_tokens
@@ -225,6 +226,7 @@ def create_app(
     @app.post("/v1/chat/completions")
     async def chat(request: Request) -> Any:
         body = p.parse_body(await request.body(), p.ChatRequest)
+        registry.check_known(body.model)
         body.refuse_unsupported()
         messages = [m.as_template_input() for m in body.messages]
         prompt = encode_chat(tokenizer, messages)
