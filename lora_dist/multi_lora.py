@@ -9,9 +9,10 @@ target it are stacked, zero-padded to the largest rank among them: A as (n+1, r_
 B as (n+1, out, r_max), index 0 all zeros. A forward pass gathers each row's A and B by its
 adapter's index and runs two batched matmuls, which is Punica/S-LoRA's BGMV written in plain
 torch. Rows are grouped by their adapter's rank and gather the stacks cut to that rank, so no
-work goes into the padding and each row's matmuls have the shapes its adapter alone would have:
-a row computes what PEFT computes with that adapter, up to fp32 rounding in the GEMM kernels
-(bitwise, except rows that fall in a kernel's tail block: see tests/test_serving_default_model).
+work goes into the padding and each row's matmuls have the shapes its adapter alone would have
+(a group whose rows all share one adapter uses its factors directly, without a gather). A row
+computes what PEFT computes with that adapter, up to fp32 rounding in the GEMM kernels (bitwise,
+except rows that fall in a kernel's tail block: see tests/test_serving_default_model.py).
 
 Nothing is merged and the base weights are never written: adapters are added and removed by
 rebuilding the small stacks, between forward passes. Reading an adapter directory (PEFT's
@@ -28,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lora_dist.adapter import (
@@ -83,6 +85,11 @@ class RankGroup:
     """Their row indices in the batch; None when the group is the whole batch."""
     members: frozenset[int]
     """The distinct slots in the group."""
+
+    @property
+    def only(self) -> int | None:
+        """The slot, when every row of the group has the same adapter."""
+        return next(iter(self.members)) if len(self.members) == 1 else None
 
 
 class RowAdapters:
@@ -176,17 +183,25 @@ class MultiLoraLinear(nn.Module):
         for group in self.rows.groups:
             if group.members.isdisjoint(self._adapters):
                 continue
-            # Each row gathers its adapter's factors at the group's rank: no flops on padding,
-            # and the same matmul shapes as that adapter alone. Rows whose adapter does not
-            # adapt this module gather stack entry 0, all zeros.
-            pos = local[group.slots]
             rows = x if group.rows is None else x.index_select(0, group.rows)
-            rows = rows.to(a_stack.dtype).reshape(rows.shape[0], -1, x.shape[-1])
-            shrunk = torch.bmm(rows, a_stack[:, : group.rank][pos].transpose(1, 2))
-            expand = b_stack[:, :, : group.rank][pos].transpose(1, 2)
-            delta = torch.bmm(shrunk, expand) * scales[pos].view(-1, 1, 1)
+            rows = rows.to(a_stack.dtype)
+            if group.only is not None:  # one adapter for these rows: its factors as they are
+                a, b, scaling = self._adapters[group.only]
+                delta = F.linear(F.linear(rows, a), b) * scaling
+            else:
+                # Each row gathers its adapter's factors at the group's rank: no flops on the
+                # padding, and the matmul shapes of that adapter alone. Rows whose adapter does
+                # not adapt this module gather stack entry 0, all zeros.
+                pos = local[group.slots]
+                rows = rows.reshape(rows.shape[0], -1, x.shape[-1])
+                shrunk = torch.bmm(rows, a_stack[:, : group.rank][pos].transpose(1, 2))
+                expand = b_stack[:, :, : group.rank][pos].transpose(1, 2)
+                delta = torch.bmm(shrunk, expand) * scales[pos].view(-1, 1, 1)
             delta = delta.reshape(-1, *out.shape[1:]).to(out.dtype)
-            out = out + delta if group.rows is None else out.index_add(0, group.rows, delta)
+            if group.rows is None:
+                out += delta
+            else:
+                out.index_add_(0, group.rows, delta)
         return out
 
     def extra_repr(self) -> str:

@@ -26,7 +26,7 @@ TINY_ADAPTERS: dict[str, LoraConfig] = {
     "qv-r2": LoraConfig(r=2, alpha=4.0, targets=["q_proj", "v_proj"]),
     "all-r4-rs": LoraConfig(r=4, alpha=8.0, targets="all", use_rslora=True),
     "out-r8": LoraConfig(r=8, alpha=4.0, targets=r"re:model\.layers\.1\..*(o_proj|down_proj)"),
-    "mlp-r1": LoraConfig(r=1, alpha=2.0, targets=["gate_proj", "up_proj"]),
+    "mlp-r2": LoraConfig(r=2, alpha=1.0, targets=["gate_proj", "up_proj"]),  # qv-r2's rank
 }
 
 

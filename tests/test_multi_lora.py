@@ -20,6 +20,7 @@ LLAMA_ADAPTERS = {
     "qv": LoraConfig(r=2, alpha=4.0, targets=["q_proj", "v_proj"]),
     "all-rs": LoraConfig(r=8, alpha=16.0, targets="all", use_rslora=True),
     "mlp": LoraConfig(r=4, alpha=3.0, targets=r"re:model\.layers\.0\.mlp\.(up|down)_proj"),
+    "ko": LoraConfig(r=2, alpha=1.0, targets=["k_proj", "o_proj"]),  # shares qv's rank
 }
 GPT2_ADAPTERS = {
     "attn": LoraConfig(r=4, alpha=8.0, targets="attn"),

@@ -58,11 +58,11 @@ def _expected(served, model, prompt_ids, max_tokens):
 
 def test_models_lists_the_base_and_every_adapter(served):
     listed = _client(served[0]).models.list().data
-    assert [m.id for m in listed] == ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r1"]
+    assert [m.id for m in listed] == ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r2"]
     assert all(m.parent == "tiny-base" for m in listed[1:]) and listed[0].parent is None
 
 
-@pytest.mark.parametrize("model", ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r1"])
+@pytest.mark.parametrize("model", ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r2"])
 def test_completion_and_chat_use_the_adapter_named_by_model(served, model):
     client, tokenizer = _client(served[0]), served[3]
     done = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=8, temperature=0)
@@ -220,7 +220,7 @@ def test_bad_requests_get_openai_errors(served):
     assert _error(load("bad name!", mismatch), 400)["param"] == "lora_name"
     assert _error(load("n", "a\x00b"), 400)["param"] == "lora_path"
     names = [m["id"] for m in http.get("/v1/models").json()["data"]]
-    assert names == ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r1"]
+    assert names == ["tiny-base", "qv-r2", "all-r4-rs", "out-r8", "mlp-r2"]
 
 
 def test_api_key_is_required_when_set(served):
@@ -241,7 +241,7 @@ def test_api_key_is_required_when_set(served):
 
 def test_64_concurrent_requests_over_4_adapters(served):
     url, tokenizer = served[0], served[3]
-    models = ["qv-r2", "all-r4-rs", "out-r8", "mlp-r1"]
+    models = ["qv-r2", "all-r4-rs", "out-r8", "mlp-r2"]
     jobs = [(models[i % 4], PROMPTS[i // 4], 4 + (i // 4) % 5) for i in range(64)]
 
     async def run_all():

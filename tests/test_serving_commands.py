@@ -43,7 +43,7 @@ def test_generate_writes_each_requests_answer_in_order(tiny, tmp_path, capsys):
         {"id": "b", "prompt": "The base model", "max_tokens": 5},
         {"id": "c", "model": "out-r8", "messages": chat, "max_tokens": 7},
         {"model": "all-r4-rs", "prompt": "Rank and alpha", "max_tokens": 12},
-        {"id": 5, "model": "mlp-r1", "prompt": "Low rank", "max_tokens": 6, "seed": 3},
+        {"id": 5, "model": "mlp-r2", "prompt": "Low rank", "max_tokens": 6, "seed": 3},
         {"id": "f", "model": "qv-r2", "prompt": "Low rank", "max_tokens": 3},
     ]
     requests = tmp_path / "requests.jsonl"

@@ -1,15 +1,16 @@
-"""The default model with three adapters trained here: one mixed batch equals PEFT row by row.
+"""The default model with adapters trained here: one mixed batch equals PEFT row by row.
 
 Three adapters of different ranks, alphas and targets (one with rsLoRA, one on a regex subset of
-layers), each trained for a few steps by lora-dist's own LoRA, plus the bare base: every row of
-one mixed forward pass gives PEFT's logits with that row's adapter alone (fp32, 1e-5), and
-continuous-batched greedy generation gives PEFT's tokens exactly.
+layers), and a fourth with the first one's rank (so that their rows share one gathered BGMV
+product), each trained for a few steps by lora-dist's own LoRA, plus the bare base: every row of
+one mixed forward pass gives PEFT's logits with that row's adapter alone (fp32, 1e-5 of the
+logit scale), and continuous-batched greedy generation gives PEFT's tokens exactly.
 
-Every logit but the last position's is bitwise PEFT's; the last differs by up to 1e-4 (about
-2e-6 of the largest logit) because MKL computes a GEMM's tail rows (past the last multiple of
-4) with other kernels, and the LoRA expand step has T rows per gathered row here but B*T in
-PEFT's batch. The tolerance is therefore 1e-5 relative to the row's logits.
-"""
+Most logits are bitwise PEFT's. The rest differ by up to about 1e-4 (a few 1e-6 of the largest
+logit): MKL computes a GEMM's tail rows (past the last multiple of its block) with other
+kernels, and a LoRA matmul here has other row counts than in PEFT's batch. PEFT itself moves as
+much when the same row runs alone instead of in a batch. Hence a tolerance relative to the
+row's logits rather than 1e-5 absolute."""
 
 from __future__ import annotations
 
@@ -51,12 +52,19 @@ ADAPTERS = {  # name: (config, training text, learning rate)
         "2 + 2 = 4. 3 + 5 = 8. 7 + 6 = 13.",
         1e-2,
     ),
+    # pirate's rank with other targets and alpha: their rows share one gathered BGMV product
+    "echo": (
+        LoraConfig(r=4, alpha=2.0, targets=["k_proj", "up_proj"]),
+        "Echo echo echo, said the cave, echo echo.",
+        1e-2,
+    ),
 }
 ROWS = [
     ("pirate", "The sea is"),
     ("french", "Bonjour, je"),
     ("sums", "4 + 4 ="),
     (None, "Hello, I am"),
+    ("echo", "The cave said"),
 ]
 
 

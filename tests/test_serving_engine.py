@@ -107,7 +107,7 @@ def test_seeded_sampling_does_not_depend_on_the_batch(tiny):
     ids = encode_chat(tokenizer, [{"role": "user", "content": "Tell me about adapters."}])
     params = SamplingParams(max_tokens=12, temperature=1.3, top_p=0.9, seed=1234, ignore_eos=True)
     alone = Engine(mixed, tokenizer).run([Request(ids, params, slots["all-r4-rs"])])[0]
-    crowd = [Request(encode_prompt(tokenizer, p), params, slots["mlp-r1"]) for p in PROMPTS]
+    crowd = [Request(encode_prompt(tokenizer, p), params, slots["mlp-r2"]) for p in PROMPTS]
     crowd.insert(3, Request(ids, params, slots["all-r4-rs"]))
     together = Engine(mixed, tokenizer, max_batch_size=3).run(crowd)[3]
     assert together.token_ids == alone.token_ids
