@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     base_dir, base_name = resolve_base(args.model)
     base, tokenizer = load_base(base_dir)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    base_params = sum(t.numel() for t in base.parameters())
     dirs = make_adapters(base, max(counts), work / "adapters")
     mixed = MultiLoraModel(copy.deepcopy(base), max_adapters=max(counts))
     slots = {name: mixed.add(mixed.read(path)) for name, path in dirs.items()}
@@ -222,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
     res: dict = {
         "model": base_name,
-        "params": sum(t.numel() for t in base.parameters()),
+        "base_params": base_params,
         "requests": args.requests,
         "max_tokens": args.max_tokens,
         "batch": args.batch,
