@@ -18,7 +18,7 @@ makespan (the least disturbed by other load on a shared machine), with every mak
 The script also checks that mixed and grouped produce the same tokens, and reports how many
 merged agrees with (merging rounds the weights).
 
-    flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_serving.py      # ~8 min
+    flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_serving.py      # 10-15 min
     PYTHONPATH=. python benchmarks/bench_serving.py --quick                             # ~20 s
 
 Writes benchmarks/results/<name>.json (default name: serving).
