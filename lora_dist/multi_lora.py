@@ -22,6 +22,7 @@ before anything in the model changes. No serving code and nothing distributed li
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -33,13 +34,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from lora_dist.adapter import (
-    PREFIX,
-    AdapterError,
     check_base_identity,
     lora_config_from_peft,
+    parse_peft_key,
     read_adapter_config,
     read_adapter_weights,
 )
+from lora_dist.errors import AdapterError
 from lora_dist.inject import is_linear, resolve_targets
 from lora_dist.lora import LoraConfig, linear_dims
 
@@ -55,13 +56,10 @@ class AdapterFactors:
     """Rank, alpha, rsLoRA and targets as the adapter's config states them."""
     factors: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """module path -> (A of shape r x in, B of shape out x r)."""
+    scales: dict[str, float]
+    """module path -> s in h = W0·x + s·B·A·x (PEFT's rank and alpha patterns may set r)."""
     source: str = ""
     """Where the factors came from, for messages."""
-
-    @property
-    def scaling(self) -> float:
-        """The factor s in h = W0·x + s·B·A·x."""
-        return self.config.scaling
 
     @property
     def modules(self) -> list[str]:
@@ -132,6 +130,7 @@ class MultiLoraLinear(nn.Module):
         self.rows = rows
         self.in_features, self.out_features, _ = linear_dims(base)
         self._adapters: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self._slots: frozenset[int] = frozenset()
         self._stacks: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     @property
@@ -155,6 +154,7 @@ class MultiLoraLinear(nn.Module):
             self._rebuild()
 
     def _rebuild(self) -> None:
+        self._slots = frozenset(self._adapters)
         if not self._adapters:
             self._stacks = None
             return
@@ -181,7 +181,7 @@ class MultiLoraLinear(nn.Module):
             raise ValueError(f"{self.rows.batch} row slots for a batch of {x.shape[0]} rows")
         local, a_stack, b_stack, scales = self._stacks
         for group in self.rows.groups:
-            if group.members.isdisjoint(self._adapters):
+            if group.members.isdisjoint(self._slots):
                 continue
             rows = x if group.rows is None else x.index_select(0, group.rows)
             rows = rows.to(a_stack.dtype)
@@ -189,13 +189,14 @@ class MultiLoraLinear(nn.Module):
                 a, b, scaling = self._adapters[group.only]
                 delta = F.linear(F.linear(rows, a), b) * scaling
             else:
-                # Each row gathers its adapter's factors at the group's rank: no flops on the
-                # padding, and the matmul shapes of that adapter alone. Rows whose adapter does
-                # not adapt this module gather stack entry 0, all zeros.
+                # Each row gathers its adapter's factors at the group's rank here: no flops on
+                # the padding, and the matmul shapes of that adapter alone. Rows whose adapter
+                # does not adapt this module gather stack entry 0, all zeros.
+                rank = max(self._adapters[s][0].shape[0] for s in group.members & self._slots)
                 pos = local[group.slots]
                 rows = rows.reshape(rows.shape[0], -1, x.shape[-1])
-                shrunk = torch.bmm(rows, a_stack[:, : group.rank][pos].transpose(1, 2))
-                expand = b_stack[:, :, : group.rank][pos].transpose(1, 2)
+                shrunk = torch.bmm(rows, a_stack[:, :rank][pos].transpose(1, 2))
+                expand = b_stack[:, :, :rank][pos].transpose(1, 2)
                 delta = torch.bmm(shrunk, expand) * scales[pos].view(-1, 1, 1)
             delta = delta.reshape(-1, *out.shape[1:]).to(out.dtype)
             if group.rows is None:
@@ -215,6 +216,14 @@ def _select(paths: Sequence[str], targets: list[str] | str) -> list[str]:
     if isinstance(targets, str):
         return [p for p in paths if re.fullmatch(targets, p)]
     return [p for p in paths if any(p == t or p.endswith("." + t) for t in targets)]
+
+
+def _pattern_value(pattern: dict[str, float] | None, path: str, default: float) -> float:
+    """PEFT's rank_pattern/alpha_pattern lookup: the first key that matches the end of `path`."""
+    for key, value in (pattern or {}).items():
+        if re.match(rf"(.*\.)?({key})$", path):
+            return value
+    return default
 
 
 class MultiLoraModel:
@@ -256,14 +265,22 @@ class MultiLoraModel:
         cfg = read_adapter_config(adapter_dir)
         check_base_identity(adapter_dir, self.model.config)
         weights = read_adapter_weights(adapter_dir)
+        # PEFT's view of the file: a plain LoRA per module. Fused-QKV slice adapters are stored
+        # that way too (lora_dist.lora_fused), as rank n·r on the fused module via rank_pattern.
         try:
-            config = lora_config_from_peft(cfg)
+            config = lora_config_from_peft({**cfg, "targets": cfg["target_modules"]})
         except ValueError as exc:
             raise AdapterError(f"{adapter_dir}: {exc}") from exc
-        return self.check(config, weights, str(adapter_dir))
+        ranks, alphas = cfg.get("rank_pattern") or {}, cfg.get("alpha_pattern") or {}
+        return self.check(config, weights, str(adapter_dir), ranks, alphas)
 
     def check(
-        self, config: LoraConfig, weights: dict[str, torch.Tensor], source: str = ""
+        self,
+        config: LoraConfig,
+        weights: dict[str, torch.Tensor],
+        source: str = "",
+        rank_pattern: dict[str, int] | None = None,
+        alpha_pattern: dict[str, float] | None = None,
     ) -> AdapterFactors:
         """Validate PEFT-keyed factors against this base; see `read`."""
         model_type = getattr(self.model.config, "model_type", None)
@@ -274,10 +291,10 @@ class MultiLoraModel:
         wanted = set(_select(list(self._linears), targets))
         factors: dict[str, dict[str, torch.Tensor]] = {}
         for key, value in weights.items():
-            match = re.fullmatch(re.escape(PREFIX) + r"(.+)\.(lora_A|lora_B)\.weight", key)
-            if match is None:
+            parsed = parse_peft_key(key)
+            if parsed is None:
                 raise AdapterError(f"{source}: tensor {key} is not a LoRA factor this server runs")
-            path, which = match.groups()
+            path, which = parsed
             if path not in self._linears:
                 raise AdapterError(
                     f"{source}: {key} names module {path}, which is not a linear layer of this "
@@ -294,16 +311,19 @@ class MultiLoraModel:
                 f"(missing {missing}, unexpected {extra})"
             )
         checked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        scales: dict[str, float] = {}
         for path, pair in sorted(factors.items()):
             if set(pair) != {"lora_A", "lora_B"}:
                 raise AdapterError(f"{source}: {path} has {sorted(pair)} but needs lora_A, lora_B")
             a, b = pair["lora_A"], pair["lora_B"]
+            r = int(_pattern_value(rank_pattern, path, config.r))
+            alpha = float(_pattern_value(alpha_pattern, path, config.alpha))
             in_dim, out_dim, _ = linear_dims(self._base_of(path))
-            want_a, want_b = (config.r, in_dim), (out_dim, config.r)
+            want_a, want_b = (r, in_dim), (out_dim, r)
             if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
                 raise AdapterError(
                     f"{source}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)} but rank "
-                    f"{config.r} on this base needs A {want_a} and B {want_b}: a different rank "
+                    f"{r} on this base needs A {want_a} and B {want_b}: a different rank "
                     "or a different base model"
                 )
             if not (a.is_floating_point() and b.is_floating_point()):
@@ -314,7 +334,8 @@ class MultiLoraModel:
                 a.to(self.device, self.dtype).contiguous(),
                 b.to(self.device, self.dtype).contiguous(),
             )
-        return AdapterFactors(config=config, factors=checked, source=source)
+            scales[path] = alpha / (math.sqrt(r) if config.use_rslora else r)
+        return AdapterFactors(config=config, factors=checked, scales=scales, source=source)
 
     def _base_of(self, path: str) -> nn.Module:
         module = self._linears[path]
@@ -339,7 +360,7 @@ class MultiLoraModel:
             )
         slot = next(s for s in range(1, self.max_adapters + 1) if s not in self.adapters)
         for path, (a, b) in adapter.factors.items():
-            self._wrapped(path).set_adapter(slot, a, b, adapter.scaling)
+            self._wrapped(path).set_adapter(slot, a, b, adapter.scales[path])
         self.adapters[slot] = adapter
         return slot
 

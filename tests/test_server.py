@@ -16,7 +16,8 @@ import pytest
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from lora_dist.lora import LoraConfig
-from lora_dist.serving.runtime import build, serving
+from lora_dist.serving.http import serving
+from lora_dist.serving.runtime import build
 from lora_dist.serving.server import ServerSettings
 from lora_dist.serving.text import encode_chat, encode_prompt
 from tests.serving_models import (
@@ -224,9 +225,9 @@ def test_bad_requests_get_openai_errors(served):
 
 
 def test_api_key_is_required_when_set(served):
+    service = build(served[1] / "base", base_name="b")
     settings = ServerSettings(api_key="s3cret-key")
-    service = build(served[1] / "base", settings=settings, base_name="b")
-    with serving(service) as url:
+    with serving(service, settings) as url:
         http = httpx.Client(base_url=url, timeout=30)
         assert http.get("/health").status_code == 200
         assert _error(http.get("/v1/models"), 401)["code"] == "invalid_api_key"

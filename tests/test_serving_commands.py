@@ -29,7 +29,7 @@ def tiny(tmp_path_factory):
 
 
 def _flags(base_dir, adapters) -> list[str]:
-    flags = ["--base", str(base_dir)]
+    flags = ["--model", str(base_dir)]
     for name, path in adapters.items():
         flags += ["--adapter", f"{name}={path}"]
     return flags
@@ -75,10 +75,10 @@ def test_generate_writes_each_requests_answer_in_order(tiny, tmp_path, capsys):
 
 def test_bad_adapter_flags_are_one_line_errors(tiny, capsys):
     base_dir, adapters, _, _ = tiny
-    assert cli(["serve", "--base", str(base_dir), "--adapter", "no-equals-sign"]) == 2
+    assert cli(["serve", "--model", str(base_dir), "--adapter", "no-equals-sign"]) == 2
     assert "write NAME=DIR" in capsys.readouterr().err
     twice = ["--adapter", f"x={adapters['qv-r2']}", "--adapter", f"x={adapters['out-r8']}"]
-    assert cli(["serve", "--base", str(base_dir), *twice]) == 2
+    assert cli(["serve", "--model", str(base_dir), *twice]) == 2
     assert "given twice" in capsys.readouterr().err
 
 

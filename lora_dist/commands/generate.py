@@ -20,7 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 from lora_dist.commands.options import Options, option
-from lora_dist.errors import ConfigError
+from lora_dist.serving.offline import Defaults, read_jobs, write_results
+from lora_dist.serving.runtime import adapter_specs, build, resolve_base
+from lora_dist.settings import existing_file
 
 
 @dataclass
@@ -29,17 +31,18 @@ class GenerateOptions(Options):
     """JSONL file of requests"""
     output: str = option()
     """where to write the JSONL results"""
-    base: str | None = None
-    """base model: a directory or a built-in name (tiny); default: the default model"""
+    model: str | None = option(None, aliases=("--base",))
+    """a built-in model (smollm2-135m-instruct, tiny) or a base model directory; default:
+    smollm2-135m-instruct"""
     adapter: list[str] = option([], metavar="NAME=DIR")
     """serve the adapter in DIR as NAME (repeatable)"""
-    max_tokens: int = 128
+    max_tokens: int = option(128, minimum=1)
     """max_tokens of a request that sets none"""
-    temperature: float = 0.0
+    temperature: float = option(0.0, minimum=0.0)
     """temperature of a request that sets none (0: greedy)"""
-    max_batch_size: int = 16
+    max_batch_size: int = option(16, minimum=1)
     """most requests decoded together"""
-    max_model_len: int = 2048
+    max_model_len: int = option(2048, minimum=1)
     """most tokens of prompt plus completion"""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """dtype of the base and the adapters in memory"""
@@ -47,24 +50,15 @@ class GenerateOptions(Options):
     """torch device to run on (cpu, cuda, cuda:1, ...)"""
 
     def validate(self) -> None:
-        from lora_dist.serving.runtime import adapter_specs
-
         adapter_specs(self.adapter)
-        for name in ("max_tokens", "max_batch_size", "max_model_len"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1")
-        if not Path(self.input).is_file():
-            raise ConfigError(f"--input {self.input} does not exist")
+        existing_file("--input", self.input)
 
 
 OPTIONS = GenerateOptions
 
 
 def run(opts: GenerateOptions) -> int:
-    from lora_dist.serving.offline import Defaults, read_jobs, write_results
-    from lora_dist.serving.runtime import adapter_specs, build, resolve_base
-
-    base_dir, base_name = resolve_base(opts.base)
+    base_dir, base_name = resolve_base(opts.model)
     service = build(
         base_dir,
         adapter_specs(opts.adapter),
@@ -74,7 +68,6 @@ def run(opts: GenerateOptions) -> int:
         max_waiting=sys.maxsize,
         dtype=opts.dtype,
         device=opts.device,
-        with_app=False,
     )
     defaults = Defaults(max_tokens=opts.max_tokens, temperature=opts.temperature)
     jobs = read_jobs(

@@ -1,6 +1,6 @@
 """Serve one base and many adapters over an OpenAI-compatible HTTP API (chat, streaming).
 
-    lora-dist serve --adapter sql=runs/sql --adapter chat=runs/chat          # http://127.0.0.1:8000
+    lora-dist serve --adapter sql=runs/sql --adapter chat=runs/chat     # http://127.0.0.1:8000
     curl localhost:8000/v1/completions -H 'Content-Type: application/json' \\
         -d '{"model": "sql", "prompt": "SELECT", "max_tokens": 16}'
 
@@ -19,43 +19,47 @@ import ipaddress
 import os
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
+from lora_dist.serving.http import bind, uvicorn_server
+from lora_dist.serving.runtime import adapter_specs, build, resolve_base
+from lora_dist.serving.server import ServerSettings, create_app
+from lora_dist.settings import existing_dir
 
 API_KEY_ENV = "LORA_DIST_API_KEY"
 
 
 @dataclass
 class ServeOptions(Options):
-    base: str | None = None
-    """base model: a directory or a built-in name (tiny); default: the default model"""
+    model: str | None = option(None, aliases=("--base",))
+    """a built-in model (smollm2-135m-instruct, tiny) or a base model directory; default:
+    smollm2-135m-instruct"""
     adapter: list[str] = option([], metavar="NAME=DIR")
     """serve the adapter in DIR as model NAME (repeatable)"""
     host: str = "127.0.0.1"
     """address to listen on; anything but loopback exposes the server to the network"""
-    port: int = 8000
+    port: int = option(8000, minimum=0, below=65536)
     """TCP port (0: any free port, printed at start)"""
     served_model_name: str | None = None
-    """the base model's name in the API; default: the base directory's name"""
+    """the base model's name in the API; default: the built-in name or the directory's name"""
     api_key: str | None = None
     """require `Authorization: Bearer KEY`; default: $LORA_DIST_API_KEY, else no key"""
     lora_root: list[str] = option([], metavar="DIR")
     """a directory under which /v1/load_lora_adapter may load adapters (repeatable); without
     one, adapters load only at start"""
-    max_adapters: int = 32
+    max_adapters: int = option(32, minimum=1)
     """most adapters loaded at once"""
-    max_batch_size: int = 16
+    max_batch_size: int = option(16, minimum=1)
     """most requests decoded together"""
-    max_model_len: int = 2048
+    max_model_len: int = option(2048, minimum=1)
     """most tokens of prompt plus completion"""
-    max_tokens_limit: int = 1024
+    max_tokens_limit: int = option(1024, minimum=1)
     """largest max_tokens a request may ask for"""
-    max_waiting: int = 256
+    max_waiting: int = option(256, minimum=1)
     """requests queued beyond the batch before new ones get 503"""
-    max_body_bytes: int = 1 << 20
+    max_body_bytes: int = option(1 << 20, minimum=1)
     """largest request body (413 above)"""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
     """dtype of the base and the adapters in memory"""
@@ -65,17 +69,9 @@ class ServeOptions(Options):
     """uvicorn's log level"""
 
     def validate(self) -> None:
-        from lora_dist.serving.runtime import adapter_specs
-
         adapter_specs(self.adapter)
-        for name in ("max_adapters", "max_batch_size", "max_model_len", "max_tokens_limit"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name} must be >= 1")
-        if not 0 <= self.port < 65536:
-            raise ConfigError(f"--port {self.port} is not a TCP port")
         for root in self.lora_root:
-            if not Path(root).is_dir():
-                raise ConfigError(f"--lora_root {root} is not a directory")
+            existing_dir("--lora_root", root)
 
 
 OPTIONS = ServeOptions
@@ -89,29 +85,17 @@ def _is_loopback(host: str) -> bool:
 
 
 def run(opts: ServeOptions) -> int:
-    try:
-        import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
-    except ImportError as exc:
-        raise ConfigError(
-            f"lora-dist serve needs fastapi and uvicorn ({exc.name} is missing): "
-            "pip install 'lora-dist[serve]'"
-        ) from exc
-    from lora_dist.serving.runtime import adapter_specs, bind, build, resolve_base, uvicorn_server
-    from lora_dist.serving.server import ServerSettings
-
     api_key = opts.api_key or os.environ.get(API_KEY_ENV) or None
     if not _is_loopback(opts.host) and api_key is None:
         print(
             f"lora-dist serve: warning: listening on {opts.host} with no API key", file=sys.stderr
         )
     settings = ServerSettings(api_key, opts.max_body_bytes, opts.max_tokens_limit)
-    base_dir, base_name = resolve_base(opts.base)
+    base_dir, base_name = resolve_base(opts.model)
     service = build(
         base_dir,
         adapter_specs(opts.adapter),
         base_name=opts.served_model_name or base_name,
-        settings=settings,
         lora_roots=opts.lora_root or None,
         max_adapters=opts.max_adapters,
         max_batch_size=opts.max_batch_size,
@@ -127,9 +111,10 @@ def run(opts: ServeOptions) -> int:
     host, port = sock.getsockname()[:2]
     names = [service.registry.base_name] + [a.name for a in service.registry.adapters()]
     print(f"lora-dist serve: http://{host}:{port}/v1 serves {', '.join(names)}", flush=True)
+    app = create_app(service.worker, service.registry, service.tokenizer, settings)
     service.worker.start()
     try:
-        uvicorn_server(service.app, opts.log_level).run(sockets=[sock])
+        uvicorn_server(app, opts.log_level).run(sockets=[sock])
     except KeyboardInterrupt:  # uvicorn shut down gracefully, then re-raised Ctrl-C
         pass
     finally:

@@ -18,7 +18,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from lora_dist.adapter import CONFIG_NAME, META_NAME, WEIGHTS_NAME, AdapterError
+from lora_dist.adapter import CONFIG_NAME, META_NAME, WEIGHTS_NAME
+from lora_dist.errors import AdapterError
 from lora_dist.multi_lora import BASE_SLOT, AdapterFactors, MultiLoraModel
 from lora_dist.serving.errors import RequestError, unknown_model
 

@@ -1,32 +1,25 @@
-"""Putting a service together: the base from safetensors, its adapters, the engine, uvicorn.
+"""Putting a service together: the base from safetensors, its adapters, the engine and worker.
 
 `build` loads a base directory (safetensors only, so nothing is unpickled) and the startup
-adapters, and wires registry, engine, worker and FastAPI app. `serving` runs the app with uvicorn
-on a socket it binds itself (port 0 picks a free port) in a background thread, for tests and
-benchmarks; the `serve` command runs it in the foreground.
+adapters, and wires registry, engine and worker; `lora_dist.serving.http` puts an HTTP server in
+front of it, `lora-dist generate` runs its engine directly.
 """
 
 from __future__ import annotations
 
-import socket
-import threading
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from lora_dist.errors import ModelError
+from lora_dist.errors import ConfigError, ModelError
+from lora_dist.models import BUILTIN, DEFAULT_MODEL, resolve_model_dir
 from lora_dist.multi_lora import MultiLoraModel
 from lora_dist.serving.adapters import AdapterRegistry
 from lora_dist.serving.engine import Engine
 from lora_dist.serving.worker import EngineWorker
-
-if TYPE_CHECKING:  # the HTTP stack is optional: `generate` runs without it
-    from lora_dist.serving.server import ServerSettings
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 Dtype = Literal["fp32", "bf16", "fp16"]
@@ -34,8 +27,6 @@ Dtype = Literal["fp32", "bf16", "fp16"]
 
 def load_base(base_dir: str | Path, dtype: Dtype = "fp32", device: str = "cpu") -> tuple:
     """(model in eval mode, tokenizer) of a Hugging Face directory with safetensors weights."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     path = Path(base_dir)
     if not (path / "config.json").is_file():
         raise ModelError(f"{path} has no config.json: pass a Hugging Face model directory")
@@ -57,7 +48,6 @@ class Service:
     engine: Engine
     worker: EngineWorker
     tokenizer: Any
-    app: Any = None
 
 
 def build(
@@ -65,7 +55,6 @@ def build(
     adapters: dict[str, str | Path] | None = None,
     *,
     base_name: str | None = None,
-    settings: ServerSettings | None = None,
     lora_roots: list[str | Path] | None = None,
     max_adapters: int = 32,
     max_batch_size: int = 16,
@@ -73,7 +62,6 @@ def build(
     max_waiting: int = 1024,
     dtype: Dtype = "fp32",
     device: str = "cpu",
-    with_app: bool = True,
 ) -> Service:
     """Load the base and `adapters` ({name: directory}) and wire the service; not started."""
     model, tokenizer = load_base(base_dir, dtype, device)
@@ -90,65 +78,11 @@ def build(
         on_finish=lambda request, _: registry.release(request.slot),
     )
     worker = EngineWorker(engine, registry)
-    service = Service(registry, engine, worker, tokenizer)
-    if with_app:
-        from lora_dist.serving.server import create_app
-
-        service.app = create_app(worker, registry, tokenizer, settings)
-    return service
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket (port 0: any free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(128)
-    return sock
-
-
-def uvicorn_server(app: Any, log_level: str = "warning") -> Any:
-    """A uvicorn server for `app` with bounded concurrency and keep-alive."""
-    import uvicorn
-
-    config = uvicorn.Config(
-        app,
-        log_level=log_level,
-        limit_concurrency=512,
-        timeout_keep_alive=5,
-        timeout_graceful_shutdown=5,
-    )
-    return uvicorn.Server(config)
-
-
-@contextmanager
-def serving(service: Service, host: str = "127.0.0.1", port: int = 0) -> Iterator[str]:
-    """Run the service's worker and HTTP server in background threads; yields the base URL."""
-    sock = bind(host, port)
-    server = uvicorn_server(service.app)
-    service.worker.start()
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            raise RuntimeError("the HTTP server did not start")
-        time.sleep(0.01)
-    try:
-        bound_host, bound_port = sock.getsockname()[:2]
-        yield f"http://{bound_host}:{bound_port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        service.worker.stop()
-        sock.close()
+    return Service(registry, engine, worker, tokenizer)
 
 
 def adapter_specs(specs: list[str]) -> dict[str, str]:
     """`--adapter NAME=DIR` flags as {name: directory}; a malformed or repeated one is refused."""
-    from lora_dist.errors import ConfigError
-
     adapters: dict[str, str] = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
@@ -161,9 +95,7 @@ def adapter_specs(specs: list[str]) -> dict[str, str]:
 
 
 def resolve_base(spec: str | None) -> tuple[Path, str]:
-    """(directory, name in the API) of `--base`: a built-in model's name, or a directory's."""
-    from lora_dist.models import BUILTIN, DEFAULT_MODEL, resolve_model_dir
-
+    """(directory, name in the API) of `--model`: a built-in model's name, or a directory's."""
     name = spec or DEFAULT_MODEL
     directory = resolve_model_dir(name)
     return directory, name if name in BUILTIN else directory.resolve().name
