@@ -12,7 +12,7 @@ torch. Rows are grouped by their adapter's rank and gather the stacks cut to tha
 work goes into the padding and each row's matmuls have the shapes its adapter alone would have
 (a group whose rows all share one adapter uses its factors directly, without a gather). A row
 computes what PEFT computes with that adapter, up to fp32 rounding in the GEMM kernels (bitwise,
-except rows that fall in a kernel's tail block: see tests/test_serving_default_model.py).
+except rows that fall in a kernel's tail block: see tests/serving/test_default_model.py).
 
 Nothing is merged and the base weights are never written: adapters are added and removed by
 rebuilding the small stacks, between forward passes. Reading an adapter directory (PEFT's

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from lora_dist.adapter import AdapterError
 from lora_dist.lora import LoraConfig
 from lora_dist.multi_lora import MultiLoraModel
-from tests.serving_models import random_adapter
+from tests.serving.helpers import random_adapter
 from tests.tiny_models import tiny_gpt2, tiny_llama, tokens
 
 LLAMA_ADAPTERS = {

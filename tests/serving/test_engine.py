@@ -11,7 +11,7 @@ from lora_dist.serving.engine import Engine, Request
 from lora_dist.serving.errors import RequestError
 from lora_dist.serving.sampling import SamplingParams, pick_tokens
 from lora_dist.serving.text import TextStream, encode_chat, encode_prompt
-from tests.serving_models import peft_greedy, peft_model, tiny_adapters, tiny_base
+from tests.serving.helpers import peft_greedy, peft_model, tiny_adapters, tiny_base
 
 PROMPTS = [
     "The model",

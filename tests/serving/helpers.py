@@ -16,7 +16,7 @@ from lora_dist.adapter import lora_state_dict, save_adapter
 from lora_dist.inject import InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig
 
-CORPUS = Path(__file__).resolve().parent.parent / "lora_dist" / "assets" / "corpus.txt"
+CORPUS = Path(__file__).resolve().parents[2] / "lora_dist" / "assets" / "corpus.txt"
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"

@@ -16,7 +16,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from lora_dist.cli import main as cli
 from lora_dist.serving.text import encode_chat, encode_prompt
 from tests import runs
-from tests.serving_models import peft_greedy, peft_model, tiny_adapters, tiny_base
+from tests.serving.helpers import peft_greedy, peft_model, tiny_adapters, tiny_base
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from lora_dist.serving.http import serving
 from lora_dist.serving.runtime import build
 from lora_dist.serving.server import ServerSettings
 from lora_dist.serving.text import encode_chat, encode_prompt
-from tests.serving_models import (
+from tests.serving.helpers import (
     peft_greedy,
     peft_model,
     random_adapter,

@@ -25,7 +25,7 @@ from lora_dist.serving.engine import Engine, Request
 from lora_dist.serving.kv import left_padded
 from lora_dist.serving.sampling import SamplingParams
 from lora_dist.serving.text import encode_prompt
-from tests.serving_models import (
+from tests.serving.helpers import (
     load_default_model,
     peft_greedy,
     peft_model,
