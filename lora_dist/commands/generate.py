@@ -20,8 +20,9 @@ from pathlib import Path
 from typing import Literal
 
 from lora_dist.commands.options import Options, option
+from lora_dist.errors import ConfigError
 from lora_dist.serving.offline import Defaults, read_jobs, write_results
-from lora_dist.serving.runtime import adapter_specs, build, resolve_base
+from lora_dist.serving.runtime import adapter_specs, build, check_startup, resolve_base
 from lora_dist.settings import existing_file
 
 
@@ -50,8 +51,13 @@ class GenerateOptions(Options):
     """torch device to run on (cpu, cuda, cuda:1, ...)"""
 
     def validate(self) -> None:
-        adapter_specs(self.adapter)
+        check_startup(self.model, self.adapter)
         existing_file("--input", self.input)
+        if Path(self.output).is_dir():
+            raise ConfigError(f"--output {self.output} is a directory; name the results file")
+        for parent in Path(self.output).parents:
+            if parent.exists() and not parent.is_dir():
+                raise ConfigError(f"--output {self.output} lies under the file {parent}")
 
 
 OPTIONS = GenerateOptions

@@ -24,7 +24,7 @@ from typing import Literal
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
 from lora_dist.serving.http import bind, uvicorn_server
-from lora_dist.serving.runtime import adapter_specs, build, resolve_base
+from lora_dist.serving.runtime import adapter_specs, build, check_startup, resolve_base
 from lora_dist.serving.server import ServerSettings, create_app
 from lora_dist.settings import existing_dir
 
@@ -69,7 +69,7 @@ class ServeOptions(Options):
     """uvicorn's log level"""
 
     def validate(self) -> None:
-        adapter_specs(self.adapter)
+        check_startup(self.model, self.adapter)
         for root in self.lora_root:
             existing_dir("--lora_root", root)
 
@@ -86,10 +86,6 @@ def _is_loopback(host: str) -> bool:
 
 def run(opts: ServeOptions) -> int:
     api_key = opts.api_key or os.environ.get(API_KEY_ENV) or None
-    if not _is_loopback(opts.host) and api_key is None:
-        print(
-            f"lora-dist serve: warning: listening on {opts.host} with no API key", file=sys.stderr
-        )
     settings = ServerSettings(api_key, opts.max_body_bytes, opts.max_tokens_limit)
     base_dir, base_name = resolve_base(opts.model)
     service = build(
@@ -109,6 +105,8 @@ def run(opts: ServeOptions) -> int:
     except OSError as exc:
         raise ConfigError(f"cannot listen on {opts.host}:{opts.port}: {exc.strerror}") from exc
     host, port = sock.getsockname()[:2]
+    if not _is_loopback(host) and api_key is None:
+        print(f"lora-dist serve: warning: listening on {host} with no API key", file=sys.stderr)
     names = [service.registry.base_name] + [a.name for a in service.registry.adapters()]
     print(f"lora-dist serve: http://{host}:{port}/v1 serves {', '.join(names)}", flush=True)
     app = create_app(service.worker, service.registry, service.tokenizer, settings)

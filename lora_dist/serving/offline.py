@@ -10,11 +10,11 @@ in the order of the requests.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lora_dist.atomic import write_jsonl_atomic
 from lora_dist.errors import DataError, UserError
 from lora_dist.serving.adapters import AdapterRegistry
 from lora_dist.serving.engine import Engine, Request, Result
@@ -104,19 +104,20 @@ def read_jobs(
 
 
 def write_results(path: Path, jobs: list[Job], results: list[Result]) -> None:
-    """The results as JSONL in request order, written whole or not at all."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for job, result in zip(jobs, results, strict=True):
-            row = {
-                "id": job.id,
-                "model": job.model,
-                "text": result.text,
-                "finish_reason": result.finish_reason,
-                "prompt_tokens": result.prompt_tokens,
-                "completion_tokens": result.completion_tokens,
-            }
-            if result.error:
-                row["error"] = result.error
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    """The results as JSONL in request order, written whole or not at all (into a directory
+    created if missing)."""
+    rows = []
+    for job, result in zip(jobs, results, strict=True):
+        row = {
+            "id": job.id,
+            "model": job.model,
+            "text": result.text,
+            "finish_reason": result.finish_reason,
+            "prompt_tokens": result.prompt_tokens,
+            "completion_tokens": result.completion_tokens,
+        }
+        if result.error:
+            row["error"] = result.error
+        rows.append(row)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl_atomic(path, rows)

@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from lora_dist.errors import ConfigError, ModelError
-from lora_dist.models import BUILTIN, DEFAULT_MODEL, resolve_model_dir
+from lora_dist.models import BUILTIN, DEFAULT_MODEL, check_model, resolve_model_dir
 from lora_dist.multi_lora import MultiLoraModel
 from lora_dist.serving.adapters import AdapterRegistry
 from lora_dist.serving.engine import Engine
@@ -91,6 +91,19 @@ def adapter_specs(specs: list[str]) -> dict[str, str]:
         if name in adapters:
             raise ConfigError(f"--adapter {name} is given twice; each name serves one adapter")
         adapters[name] = path
+    return adapters
+
+
+def check_startup(model: str | None, specs: list[str]) -> dict[str, str]:
+    """Refuse, before anything loads, a `--model` that is neither built in nor a directory and an
+    `--adapter NAME=DIR` whose DIR is not a directory; returns {name: directory}."""
+    if model is not None and model not in BUILTIN:
+        check_model(model)
+    adapters = adapter_specs(specs)
+    for name, path in adapters.items():
+        if not Path(path).is_dir():
+            what = "is a file" if Path(path).exists() else "does not exist"
+            raise ConfigError(f"--adapter {name}={path}: {path} {what}; pass an adapter directory")
     return adapters
 
 

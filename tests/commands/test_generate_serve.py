@@ -73,15 +73,6 @@ def test_generate_writes_each_requests_answer_in_order(tiny, tmp_path, capsys):
     assert "`nope` does not exist; the models are: base, qv-r2" in err
 
 
-def test_bad_adapter_flags_are_one_line_errors(tiny, capsys):
-    base_dir, adapters, _, _ = tiny
-    assert cli(["serve", "--model", str(base_dir), "--adapter", "no-equals-sign"]) == 2
-    assert "write NAME=DIR" in capsys.readouterr().err
-    twice = ["--adapter", f"x={adapters['qv-r2']}", "--adapter", f"x={adapters['out-r8']}"]
-    assert cli(["serve", "--model", str(base_dir), *twice]) == 2
-    assert "given twice" in capsys.readouterr().err
-
-
 def _read_line(proc: subprocess.Popen, timeout: float) -> str:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
