@@ -13,9 +13,9 @@ from tests.runs import REPO
 
 PACKAGE = REPO / "lora_dist"
 DOC = REPO / "docs" / "architecture.md"
-# Named in the table, being written in other branches right now (issues 15, 17 and 18); delete a
-# name here once its module has landed.
-IN_PROGRESS = {"lora_fused"}
+# Named in the table, being written in other branches right now; delete a name here once its
+# module has landed.
+IN_PROGRESS: set[str] = set()
 
 
 def layer_table() -> tuple[dict[str, str], dict[str, set[str]]]:

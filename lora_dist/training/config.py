@@ -56,8 +56,8 @@ class TrainConfig(Options):
     """where adapter/, tensorboard/, checkpoints/ and metrics.json go"""
     max_steps: int | None = option(None, minimum=1)
     """optimizer steps; overrides --epochs when set"""
-    epochs: float = option(8.0, above=0)
-    """passes over the training split when --max_steps is not set"""
+    epochs: float = option(2.0, above=0)
+    """passes over the training split when --max_steps is not set (the paper's 2)"""
     lora_r: int = option(8, minimum=1)
     """LoRA rank r"""
     lora_alpha: float = option(16.0, above=0)
