@@ -16,6 +16,8 @@ Sweeps score the first `--sweep_prompts` dev prompts, the headline all of them. 
 benchmarks/results/<name>.json and <name>.png, and a Markdown table is printed.
 
     flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_paper_claims.py
+    PYTHONPATH=. python benchmarks/bench_paper_claims.py --stages headline,rank \
+        --lock /tmp/multirank.lock  # each run takes the lock: other work can go between runs
     PYTHONPATH=. python benchmarks/bench_paper_claims.py --quick   # tiny model, 2 steps, 2 configs
 """
 
@@ -48,9 +50,12 @@ TARGETS = (
 )
 
 
+LOCK: list[str] = []  # ["flock", FILE] with --lock: each run takes the machine's multi-rank lock
+
+
 def _deepspeed(args: list[str], log: Path) -> None:
     port = 29500 + os.getpid() % 1000
-    cmd = [str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
+    cmd = [*LOCK, str(Path(sys.executable).parent / "deepspeed"), "--num_gpus", "2"]
     cmd += ["--master_port", str(port), str(REPO / "launcher" / "train.py"), *args]
     env = {**os.environ, "LORA_DIST_NO_PROGRESS": "1", "PYTHONPATH": str(REPO)}
     with open(log, "w") as f:
@@ -109,6 +114,21 @@ def summarize(runs: list[dict]) -> dict[str, Any]:
     return out
 
 
+def ratios(full: dict, lora: dict) -> dict[str, float]:
+    """LoRA over full fine-tuning, for the headline's means."""
+
+    def over(key: str) -> float:
+        return lora[key]["mean"] / max(full[key]["mean"], 1e-9)
+
+    return {
+        "lora_over_full_execution_accuracy": over("execution_accuracy"),
+        "lora_over_full_logical_form_accuracy": over("logical_form_accuracy"),
+        "lora_over_full_peak_memory_per_rank": lora["peak_memory_gb_per_rank"]
+        / full["peak_memory_gb_per_rank"],
+        "lora_over_full_step_time": lora["step_time_s"] / full["step_time_s"],
+    }
+
+
 def _spread(d: dict[str, float]) -> str:
     extra = f" ({d['min']:.3f}-{d['max']:.3f})" if d["max"] > d["min"] else ""
     return f"{d['mean']:.3f}{extra}"
@@ -161,7 +181,19 @@ def main() -> int:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--sweep_prompts", type=int, default=60)
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
+    p.add_argument(
+        "--stages",
+        default="lr,headline,rank,targets",
+        help="comma-separated, run in this order; without lr, --lora_lr and --full_lr are used",
+    )
+    p.add_argument("--lora_lr", type=float, default=1e-3, help="LoRA's lr when lr is not swept")
+    p.add_argument("--full_lr", type=float, default=5e-5, help="full FT's lr when lr is not swept")
+    p.add_argument(
+        "--lock", help="take this flock(1) file around each run, not the whole benchmark"
+    )
     a = p.parse_args()
+    if a.lock:
+        LOCK[:] = ["flock", a.lock]
     a.work_dir.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     model = "tiny" if a.quick else ""
@@ -182,55 +214,63 @@ def main() -> int:
         return train(a.work_dir, tag, common, extra, n)
 
     result: dict[str, Any] = {"floor": floor(a.work_dir, model, head_n)}
-    lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
-    sweep = {
-        "lora": [lora(8, "attn", lr, 0, sweep_n, f"lr-lora-{lr:g}") for lr in lrs_l],
-        "full": [full(lr, 0, sweep_n, f"lr-full-{lr:g}") for lr in lrs_f],
-    }
-    best = {
-        k: max(v, key=lambda r: (r["execution_accuracy"], -r["dev_loss"])) for k, v in sweep.items()
-    }
-    lr_of = {k: float(best[k]["tag"].rsplit("-", 1)[1]) for k in best}
-    result["lr_sweep"] = {"runs": sweep, "chosen": lr_of}
-    seeds = SEEDS[:1] if a.quick else SEEDS
-    head_full = [full(lr_of["full"], s, head_n, f"head-full-s{s}") for s in seeds]
-    head_lora = [lora(8, "attn", lr_of["lora"], s, head_n, f"head-lora-s{s}") for s in seeds]
-    ranks = (
-        [] if a.quick else [lora(r, "attn", lr_of["lora"], 0, sweep_n, f"rank-{r}") for r in RANKS]
-    )
-    targets = (
-        []
-        if a.quick
-        else [
-            lora(r, spec, lr_of["lora"], 0, sweep_n, f"targets-{label}")
-            for label, spec, r in TARGETS
-        ]
-    )
-    headline = [("full fine-tuning", summarize(head_full)), ("LoRA q,v r=8", summarize(head_lora))]
-    sweeps = [(f"q,v r={r['tag'].split('-')[1]}", summarize([r])) for r in ranks]
-    sweeps += [
-        (f"{label} r={r}", summarize([run]))
-        for (label, _, r), run in zip(TARGETS, targets, strict=False)
-    ]
-    f, l_ = headline[0][1], headline[1][1]
-    result["headline"] = dict(headline)
-    result["rank_sweep"] = {label: s for label, s in sweeps if label.startswith("q,v r=")}
-    result["target_sweep"] = {label: s for label, s in sweeps if not label.startswith("q,v r=")}
-    result["ratios"] = {
-        "lora_over_full_execution_accuracy": l_["execution_accuracy"]["mean"]
-        / max(f["execution_accuracy"]["mean"], 1e-9),
-        "lora_over_full_logical_form_accuracy": l_["logical_form_accuracy"]["mean"]
-        / max(f["logical_form_accuracy"]["mean"], 1e-9),
-        "lora_over_full_peak_memory_per_rank": l_["peak_memory_gb_per_rank"]
-        / f["peak_memory_gb_per_rank"],
-        "lora_over_full_step_time": l_["step_time_s"] / f["step_time_s"],
-    }
     result["settings"] = {"epochs": a.epochs, "sweep_prompts": sweep_n, "ds_config": str(DS_CONFIG)}
-    (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
-    plot(a.results / f"{a.name}.png", result["floor"]["execution_accuracy"], headline + sweeps)
+    lr_of = {"lora": a.lora_lr, "full": a.full_lr}
+    rows: list[tuple[str, dict]] = []
+    stages = a.stages.split(",")
+    if "lr" in stages:
+        lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
+        sweep = {
+            "lora": [lora(8, "attn", lr, 0, sweep_n, f"lr-lora-{lr:g}") for lr in lrs_l],
+            "full": [full(lr, 0, sweep_n, f"lr-full-{lr:g}") for lr in lrs_f],
+        }
+        best = {
+            k: max(v, key=lambda r: (r["execution_accuracy"], -r["dev_loss"]))
+            for k, v in sweep.items()
+        }
+        lr_of = {k: float(best[k]["tag"].rsplit("-", 1)[1]) for k in best}
+        result["lr_sweep"] = {"runs": sweep, "chosen": lr_of}
+    result["settings"]["lr"] = lr_of
+    for stage in stages:
+        if stage == "headline":
+            seeds = SEEDS[:1] if a.quick else SEEDS
+            head_full = [full(lr_of["full"], s, head_n, f"head-full-s{s}") for s in seeds]
+            head_lora = [
+                lora(8, "attn", lr_of["lora"], s, head_n, f"head-lora-s{s}") for s in seeds
+            ]
+            f, l_ = summarize(head_full), summarize(head_lora)
+            result["headline"] = {"full fine-tuning": f, "LoRA q,v r=8": l_}
+            rows[:0] = [("full fine-tuning", f), ("LoRA q,v r=8", l_)]
+            result["ratios"] = ratios(f, l_)
+        elif stage == "rank":
+            ranks = RANKS[:1] if a.quick else RANKS
+            runs = [lora(r, "attn", lr_of["lora"], 0, sweep_n, f"rank-{r}") for r in ranks]
+            sweep_rows = [
+                (f"q,v r={r}", summarize([run])) for r, run in zip(ranks, runs, strict=True)
+            ]
+            result["rank_sweep"] = dict(sweep_rows)
+            rows += sweep_rows
+        elif stage == "targets":
+            specs = TARGETS[:1] if a.quick else TARGETS
+            runs = [
+                lora(r, spec, lr_of["lora"], 0, sweep_n, f"targets-{label}")
+                for label, spec, r in specs
+            ]
+            sweep_rows = [
+                (f"{label} r={r}", summarize([run]))
+                for (label, _, r), run in zip(specs, runs, strict=True)
+            ]
+            result["target_sweep"] = dict(sweep_rows)
+            rows += sweep_rows
+        elif stage != "lr":
+            raise SystemExit(f"unknown stage {stage!r}: use lr, headline, rank, targets")
+        # Written after every stage: a run cut short keeps what it measured.
+        (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+        plot(a.results / f"{a.name}.png", result["floor"]["execution_accuracy"], rows)
+        (a.results / f"{a.name}.md").write_text(table(rows) + "\n")
     print(f"untrained: execution accuracy {result['floor']['execution_accuracy']:.3f}")
-    print(table(headline + sweeps))
-    print(json.dumps(result["ratios"], indent=2))
+    print(table(rows))
+    print(json.dumps(result.get("ratios"), indent=2))
     return 0
 
 
