@@ -9,9 +9,10 @@ TP in the config both zero.Init's batch check and transformers' ZeRO-3 loader re
    matches `...q_proj` by name, finds the LoraLinear's `weight` property and replaces the whole
    wrapper by a `LinearLayer`, dropping the factors. So we run the engine's own AutoTP pass
    (`DeepSpeedEngine._apply_autotp_partitioning`, the HF tp_plan / heuristic path) before
-   injection. It gathers each ZeRO-3 partitioned weight once, keeps this rank's TP slice as an
-   ordinary parameter, and marks the model `ds_autotp_parsed`, so the engine later skips its own
-   pass and ZeRO-3 partitions the TP slices over the data-parallel group only. GPT-2, which
+   injection. It gathers each ZeRO-3 partitioned weight once and keeps this rank's TP slice; we
+   run it inside zero.Init over the data-parallel group, so each slice is partitioned over DP as
+   its layer is built (the setup peak stays near one layer, not 1/TP of the base). It marks the
+   model `ds_autotp_parsed`, so the engine later skips its own pass. GPT-2, which
    AutoTP refuses, is split by heads by our own pass instead (lora_dist.distributed.tp_fused,
    which also holds the slice LoRA for fused QKV shards).
 2. DeepSpeed builds its batch-size check before it creates the TP groups, so without an `mpu`
@@ -42,9 +43,11 @@ import os
 import types
 from typing import Any
 
+import deepspeed
 import deepspeed.comm as dist
 import torch
 import torch.nn.functional as F
+from deepspeed.accelerator import get_accelerator
 from deepspeed.checkpoint.constants import UNIVERSAL_CHECKPOINT_INFO
 from deepspeed.module_inject.layers import (
     ColumnParallel,
@@ -135,9 +138,19 @@ def shard_base_for_tp(model: nn.Module, ds_config: dict[str, Any]) -> Any:
         is_deepcompile_enabled=lambda: False,
         compile_autotp=lambda: False,
     )
-    DeepSpeedEngine._apply_autotp_partitioning(engine_view, model, tp_config)
+    with partitioned_over_dp(ds_config, groups):
+        DeepSpeedEngine._apply_autotp_partitioning(engine_view, model, tp_config)
     own_row_parallel_outputs(model)
     return groups
+
+
+def partitioned_over_dp(ds_config: dict[str, Any], mpu: Any) -> deepspeed.zero.Init:
+    """A zero.Init context: every module built inside has its parameters ZeRO-3 partitioned
+    over the data-parallel group when its constructor returns (AutoTP's sliced linears)."""
+    return deepspeed.zero.Init(
+        config_dict_or_path=zero_init_config(ds_config),
+        data_parallel_group=mpu.get_data_parallel_group(),
+    )
 
 
 def inject_lora_tp(model: nn.Module, config: LoraConfig) -> InjectionReport:
@@ -252,7 +265,8 @@ def tp_lora_factory(base: nn.Module, config: LoraConfig) -> LoraLinear:
 def assert_tp_replicas_identical(model: nn.Module) -> str:
     """Raise unless every TP peer holds bit-identical LoRA factors; returns a line for the log.
 
-    One all-gather of all factors over the TP group, so call it once, e.g. before saving.
+    One all-gather of all factors over the TP group, so call it once, e.g. before saving. The
+    digest lives on this rank's accelerator device: NCCL refuses host tensors.
     """
     group = groups.get_tensor_model_parallel_group()
     mine = lora_factor_digest(model)
@@ -265,8 +279,10 @@ def assert_tp_replicas_identical(model: nn.Module) -> str:
 
 
 def lora_factor_digest(model: nn.Module) -> torch.Tensor:
-    """Every LoRA factor flattened into one float64 vector, for cross-rank identity checks."""
+    """Every LoRA factor flattened into one float64 vector on this rank's accelerator device,
+    for cross-rank identity checks (a collective may take it as it is)."""
+    device = torch.device(get_accelerator().current_device_name())
     factors = [p for layer in lora_layers(model).values() for p in (layer.lora_A, layer.lora_B)]
     with gathered(factors):  # whole even if ZeRO-3 partitioned them over DP
-        parts = [p.detach().double().flatten().cpu() for p in factors]
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+        parts = [p.detach().to(device, torch.float64).flatten() for p in factors]
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64, device=device)
