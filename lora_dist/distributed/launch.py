@@ -26,7 +26,7 @@ import shutil
 import socket
 import subprocess
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -310,6 +310,37 @@ def prepare_rank_process() -> None:
     )
 
 
+def local_device_index(local_rank: int, visible_devices: int) -> int:
+    """The device ordinal this rank uses among the accelerators it can see.
+
+    Launchers that start one rank per GPU and show every rank all of its node's GPUs (torchrun,
+    deepspeed, plain srun) want ordinal LOCAL_RANK. Slurm's `--gpus-per-task=1` and
+    `--gpu-bind=single:1`/`map_gpu:` show each rank only its own GPU, as ordinal 0, while
+    LOCAL_RANK still counts the ranks of the node: ordinal LOCAL_RANK would not exist. With k
+    GPUs per task the rank's own GPUs are ordinals 0..k-1. Ordinal local_rank mod visible covers
+    all three, and equals LOCAL_RANK whenever the rank sees the whole node.
+    """
+    if visible_devices < 1:
+        raise RankDiscoveryError(
+            f"local rank {local_rank} sees no accelerator: check CUDA_VISIBLE_DEVICES and the "
+            "job's GPU request (--gres=gpu:N or --gpus-per-task)"
+        )
+    return local_rank % visible_devices
+
+
+def bind_device(environ: MutableMapping[str, str], info: RankInfo, visible_devices: int) -> int:
+    """This rank's device ordinal, also written to `environ["LOCAL_RANK"]`.
+
+    DeepSpeed reads LOCAL_RANK as the device ordinal wherever it places tensors (the engine,
+    zero.Init, NCCL's `device_id` in init_process_group), so under `--gpus-per-task=1` a rank
+    with LOCAL_RANK=5 would ask for cuda:5 of its single visible GPU. The node-local rank
+    itself stays in `info.local_rank`.
+    """
+    ordinal = local_device_index(info.local_rank, visible_devices)
+    environ["LOCAL_RANK"] = str(ordinal)
+    return ordinal
+
+
 def init_distributed(backend: str | None = None) -> RankInfo:
     """Discover the layout, export it where missing, and join DeepSpeed's process group.
 
@@ -319,8 +350,9 @@ def init_distributed(backend: str | None = None) -> RankInfo:
     for key, value in info.env().items():
         os.environ.setdefault(key, value)
     # Bind the GPU before NCCL creates its communicator, so rank k never touches GPU 0.
-    if get_accelerator().device_name() != "cpu":
-        get_accelerator().set_device(info.local_rank)
+    accelerator = get_accelerator()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(bind_device(os.environ, info, accelerator.device_count()))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=True)
     release_shm_workspace()
     if info.rank == 0:

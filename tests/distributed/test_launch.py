@@ -12,8 +12,10 @@ from lora_dist.distributed.launch import (
     SHM_DIR,
     RankDiscoveryError,
     RankInfo,
+    bind_device,
     discover_ranks,
     expand_nodelist,
+    local_device_index,
 )
 from tests.runs import BIN, free_port, run_env
 
@@ -212,6 +214,42 @@ def test_env_round_trip() -> None:
 def test_inconsistent_env_is_explained(env: dict[str, str], message: str) -> None:
     with pytest.raises(RankDiscoveryError, match=message):
         discover(env)
+
+
+# Task 13 of `srun --nodes=2 --ntasks-per-node=8` again, under each way Slurm hands out GPUs.
+TASK_13 = {**BATCH_SHELL, "SLURM_STEP_ID": "0", "SLURM_PROCID": "13", "SLURM_LOCALID": "5"}
+TASK_13 |= {"SLURM_NODEID": "1", "SLURM_STEP_NUM_TASKS": "16", "SLURM_STEP_TASKS_PER_NODE": "8(x2)"}
+
+
+@pytest.mark.parametrize(
+    ("gpu_request", "visible", "ordinal"),
+    [
+        ("--gres=gpu:8 (every rank sees its node's 8 GPUs)", 8, 5),
+        ("--gpus-per-task=1 or --gpu-bind=single:1 (each rank sees only its own GPU)", 1, 0),
+        ("--gpus-per-task=2 (each rank sees its own 2 GPUs)", 2, 1),
+    ],
+)
+def test_local_rank_beyond_the_visible_gpus_maps_to_one_the_rank_sees(
+    gpu_request: str, visible: int, ordinal: int
+) -> None:
+    info = discover(TASK_13)
+    assert (info.rank, info.local_rank, info.local_world_size) == (13, 5, 8)
+    environ = dict(info.env())
+    assert bind_device(environ, info, visible) == ordinal < visible, gpu_request
+    # DeepSpeed (engine, zero.Init, NCCL's device_id) reads LOCAL_RANK as the device ordinal.
+    assert environ["LOCAL_RANK"] == str(ordinal)
+    assert info.local_rank == 5  # the layout itself is unchanged
+
+
+def test_every_local_rank_gets_an_ordinal_it_can_see() -> None:
+    for visible in (1, 2, 4, 8):
+        for local_rank in range(8):
+            ordinal = local_device_index(local_rank, visible)
+            assert 0 <= ordinal < visible
+            if local_rank < visible:  # a rank that sees the whole node keeps its own GPU
+                assert ordinal == local_rank
+    with pytest.raises(RankDiscoveryError, match="sees no accelerator"):
+        local_device_index(0, 0)
 
 
 NODELISTS = ["vm", "gpu[07-10],login1", "n[1-2]x[3,5]", "a[008-010,012]", "x1,y[1-2]"]
