@@ -13,6 +13,7 @@ import resource
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,15 +27,62 @@ Progress = Callable[[int, int], None]
 NO_PROGRESS_ENV = "LORA_DIST_NO_PROGRESS"
 
 
-def peak_memory_bytes() -> int:
-    """CUDA max-allocated bytes on a GPU; the process's peak resident set size otherwise."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        return int(torch.cuda.max_memory_allocated())
+@dataclass(frozen=True)
+class PeakMemory:
+    """The largest memory this rank used since the last `reset_peak_memory()`, in bytes.
+
+    On a GPU: what the CUDA caching allocator handed out (`allocated`) and what it held from
+    the driver (`reserved`: what must fit, and what no other process can have). On the CPU both
+    are the process's peak resident set size.
+    """
+
+    allocated: int
+    reserved: int
+    kind: str
+    """cuda (the allocator's counters) or rss (the process's peak resident set)."""
+
+
+def _on_cuda() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_initialized()
+
+
+def reset_peak_memory() -> bool:
+    """Start a new peak here, so that loading, TP setup and evaluation do not count as training.
+
+    CUDA's counters are per device; on the CPU, writing 5 to /proc/self/clear_refs resets the
+    kernel's VmHWM (Linux 4.0 and later). Returns False where the peak could not be reset.
+    """
+    if _on_cuda():
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _rss_peak() -> int:
+    """VmHWM of this process; ru_maxrss (never reset) where /proc is not readable."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
 
 
-def memory_kind() -> str:
-    return "cuda_max_allocated" if torch.cuda.is_available() else "peak_rss"
+def peak_memory() -> PeakMemory:
+    """This rank's peak since the last reset_peak_memory() (or since the process started)."""
+    if _on_cuda():
+        allocated, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+        return PeakMemory(int(allocated), int(reserved), "cuda")
+    rss = _rss_peak()
+    return PeakMemory(rss, rss, "rss")
 
 
 def format_duration(seconds: float) -> str:

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from lora_dist.training.monitor import Monitor, StepClock, format_duration
+from lora_dist.training.monitor import (
+    Monitor,
+    StepClock,
+    format_duration,
+    peak_memory,
+    reset_peak_memory,
+)
 
 
 def test_step_clock_is_the_mean_step_and_what_is_left() -> None:
@@ -60,3 +66,20 @@ def test_other_ranks_and_disabled_bars_write_nothing(
         progress(1, 1)
     quiet.close()
     assert capsys.readouterr().err.splitlines() == ["dev loss: 0.0 s"]  # lines, never bars
+
+
+def test_peak_memory_after_a_reset_leaves_out_what_came_before() -> None:
+    # A 256 MiB spike (as loading or TP setup makes), freed, then a reset: the peak reported
+    # afterwards is the later, smaller use, not the spike.
+    spike = 256 * 2**20
+    before = peak_memory()
+    buf = bytearray(spike)  # zero-filled: every page touched
+    assert peak_memory().allocated >= before.allocated + spike * 0.9
+    del buf
+    assert reset_peak_memory()
+    after = peak_memory()
+    small = bytearray(16 * 2**20)
+    later = peak_memory()
+    del small
+    assert later.allocated < after.allocated + spike / 2
+    assert later.kind == "rss" and later.reserved == later.allocated
