@@ -1,4 +1,5 @@
-"""Reading and restoring a DeepSpeed engine's LoRA-only state: Adam moments, fp32 masters, RNG.
+"""Reading and restoring a DeepSpeed engine's LoRA-only state: Adam moments, fp32 masters, RNG,
+and the fp16 loss scaler.
 
 Under ZeRO the optimizer state is partitioned over data-parallel ranks. Each LoRA factor's
 state is gathered whole (a collective: every rank calls these functions together), so a
@@ -9,6 +10,7 @@ no optimizer state to gather.
 from __future__ import annotations
 
 import random
+from typing import Any
 
 import numpy as np
 import torch
@@ -134,6 +136,39 @@ def replay_cpu_adam_steps(inner, steps: int) -> int:
             )  # fmt: skip
         return steps
     return 0
+
+
+# What DeepSpeed's DynamicLossScaler changes as it runs; its settings come from the JSON again.
+LOSS_SCALER_FIELDS = ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis")
+
+
+def _loss_scaler(engine) -> Any:
+    return getattr(engine.optimizer, "loss_scaler", None)
+
+
+def loss_scaler_state(engine) -> dict[str, float] | None:
+    """The fp16 dynamic loss scaler's running state; None when the engine scales statically
+    (bf16, fp32, or a fixed fp16 scale), where there is nothing to carry over.
+
+    Without it a resumed fp16 run starts again at the initial scale (2^16 by default) and
+    spends its first steps overflowing back down to where the run had settled.
+    """
+    scaler = _loss_scaler(engine)
+    if scaler is None or not getattr(scaler, "dynamic", False):
+        return None
+    return {k: float(getattr(scaler, k)) for k in LOSS_SCALER_FIELDS}
+
+
+def restore_loss_scaler_state(engine, state: dict[str, float] | None) -> bool:
+    """Put `loss_scaler_state()`'s values back; False when there is nothing to restore into
+    (a checkpoint from a bf16 run resumed under fp16 keeps the JSON's initial scale)."""
+    scaler = _loss_scaler(engine)
+    if not state or scaler is None or not getattr(scaler, "dynamic", False):
+        return False
+    scaler.cur_scale = float(state["cur_scale"])
+    for key in ("cur_iter", "last_overflow_iter", "cur_hysteresis"):
+        setattr(scaler, key, int(state[key]))
+    return True
 
 
 def rng_state() -> tuple[torch.Tensor, dict]:

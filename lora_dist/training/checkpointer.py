@@ -5,7 +5,8 @@ factors, their Adam state and every rank's RNG state, and rank 0 writes `checkpo
 (lora_dist.training.checkpoint_files has the layout). Resuming happens around the engine's
 creation, which is why the engine is an argument rather than a member: `find_resume` and
 `load_weights` run on the bare model before `deepspeed.initialize` (the engine copies the
-weights it starts from), `restore` puts the optimizer, schedule and RNG back afterwards.
+weights it starts from), `restore` puts the optimizer, schedule, fp16 loss scale and RNG back
+afterwards.
 """
 
 from __future__ import annotations
@@ -23,8 +24,10 @@ from lora_dist.distributed.collective import barrier, broadcast_object, gather_o
 from lora_dist.distributed.ds_config import BatchLayout
 from lora_dist.distributed.engine_state import (
     gather_lora_optimizer_state,
+    loss_scaler_state,
     optimizer_step_counts,
     restore_lora_optimizer_state,
+    restore_loss_scaler_state,
     rng_state,
     seed_everything,
     set_rng_state,
@@ -129,6 +132,8 @@ class Checkpointer:
         )
         lambdas = [None] * len(state["scheduler"]["base_lrs"])  # functions are not saved
         engine.lr_scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": lambdas})
+        restore_loss_scaler_state(engine, state.get("loss_scaler"))
+        engine.skipped_steps = int(state.get("skipped_steps", 0))
         last_lrs = state["scheduler"]["_last_lr"]
         for group, lr in zip(engine.optimizer.param_groups, last_lrs, strict=True):
             group["lr"] = lr
@@ -165,6 +170,8 @@ class Checkpointer:
                 "world_size": self.ranks.world_size,
                 "adam_steps": optimizer_step_counts(engine),
                 "scheduler": {k: v for k, v in schedule.items() if k != "lr_lambdas"},
+                "loss_scaler": loss_scaler_state(engine),
+                "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
                 "rng": [r[2] for r in rngs],
             }
             rng_tensors = {f"rank{r}.torch": t for r, (t, _, _) in enumerate(rngs)}

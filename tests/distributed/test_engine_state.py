@@ -1,4 +1,4 @@
-"""Resuming DeepSpeed's C++ Adam kernels: the step after a resume equals the uninterrupted one."""
+"""Resuming DeepSpeed engine state: C++ Adam's bias correction, and the fp16 loss scaler."""
 
 from __future__ import annotations
 
@@ -72,3 +72,52 @@ def test_replayed_adam_resumes_bit_exactly(tmp_path: Path, kind: str) -> None:
     assert torch.equal(replayed, reference)
     # Without the replay the kernel's beta^t differs in the last bit: the check above can fail.
     assert not torch.equal(plain, reference)
+
+
+def _scaler():
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
+
+    return DynamicLossScaler(
+        init_scale=2**16, scale_window=4, min_scale=1, delayed_shift=2, consecutive_hysteresis=False
+    )
+
+
+def test_fp16_loss_scaler_state_round_trips_through_a_checkpoint() -> None:
+    import json
+    from types import SimpleNamespace
+
+    from lora_dist.distributed.engine_state import loss_scaler_state, restore_loss_scaler_state
+
+    # A scaler that has run a while: grown past its window, then lost hysteresis on an overflow.
+    # (Its overflow branch logs through deepspeed.comm, so only the no-overflow path and the
+    # state an overflow leaves are driven here.)
+    ran = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=_scaler()))
+    scaler = ran.optimizer.loss_scaler
+    for _ in range(9):
+        scaler.update_scale(False)
+    scaler.cur_hysteresis, scaler.last_overflow_iter = 1, 7
+    state = json.loads(json.dumps(loss_scaler_state(ran)))  # as trainer_state.json holds it
+    fresh = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=_scaler()))
+    assert fresh.optimizer.loss_scaler.cur_scale == 2**16  # what a resume started from before
+    assert restore_loss_scaler_state(fresh, state)
+    got = fresh.optimizer.loss_scaler
+    for key in ("cur_scale", "cur_iter", "last_overflow_iter", "cur_hysteresis"):
+        assert getattr(got, key) == getattr(scaler, key), key
+    assert got.cur_scale == 2**18  # grown twice in 9 clean steps with a window of 4
+    for _ in range(5):  # and both continue identically
+        scaler.update_scale(False)
+        got.update_scale(False)
+        assert got.cur_scale == scaler.cur_scale
+
+
+def test_static_scalers_have_no_state_to_keep() -> None:
+    from types import SimpleNamespace
+
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from lora_dist.distributed.engine_state import loss_scaler_state, restore_loss_scaler_state
+
+    bf16 = SimpleNamespace(optimizer=SimpleNamespace(loss_scaler=LossScaler(scale=1)))
+    assert loss_scaler_state(bf16) is None
+    assert not restore_loss_scaler_state(bf16, {"cur_scale": 8.0})
+    assert bf16.optimizer.loss_scaler.cur_scale == 1
