@@ -20,6 +20,14 @@ from typing import Any
 import torch
 
 
+class GenerationStopped(Exception):
+    """`stop()` ended generation early (a preemption signal) after `done` of `total` batches."""
+
+    def __init__(self, done: int, total: int) -> None:
+        super().__init__(f"generation stopped after {done} of {total} batches")
+        self.done, self.total = done, total
+
+
 def shard_indices(n_items: int, rank: int, world_size: int) -> list[int]:
     """Contiguous, balanced slice of range(n_items) for `rank`; concatenating ranks 0..W-1 in
     order gives back range(n_items), each index exactly once."""
@@ -131,6 +139,7 @@ def greedy_generate(
     all_done: Callable[[bool], bool] | None = None,
     num_batches: int | None = None,
     on_batch: Callable[[int, int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> list[str]:
     """Argmax-decode a continuation of each prompt with any Hugging Face causal LM.
 
@@ -142,7 +151,9 @@ def greedy_generate(
 
     `all_done(local_done) -> bool` makes the stop decision collective (see the module docstring);
     `num_batches`, when given, pads the work with discarded dummy batches up to that count.
-    `on_batch(done, total)` is told after every batch, for a progress display.
+    `on_batch(done, total)` is told after every batch, for a progress display. `stop()` is
+    asked after every batch and raises GenerationStopped when it says so; make it collective
+    too (every rank must stop after the same batch).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -177,6 +188,8 @@ def greedy_generate(
             )
             if on_batch is not None:
                 on_batch(b + 1, total)
+            if stop is not None and b + 1 < total and stop():
+                raise GenerationStopped(b + 1, total)
     finally:
         model.train(was_training)
     return texts

@@ -11,6 +11,7 @@ loss over a tokenized split.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -113,11 +114,13 @@ def evaluate_task(
     decoding: Decoding,
     shard: DataShard = DataShard(),
     progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Generate on `split` as `shard` of the prompts; score on the main rank.
 
     A collective over the default process group (local in one process): every rank calls it.
-    Returns (metrics, prediction records) on rank 0 and ({}, []) elsewhere.
+    Returns (metrics, prediction records) on rank 0 and ({}, []) elsewhere. `stop` (a
+    collective, asked after every batch) ends it early with generate.GenerationStopped.
     """
     task = split.task
     rows = split.rows()
@@ -133,6 +136,7 @@ def evaluate_task(
         all_done=all_done_fn(),
         num_batches=num_batches_for(len(items), shard.count, decoding.batch_size),
         on_batch=progress,
+        stop=stop,
     )
     parts = gather_objects_to_main({"items": mine, "texts": texts})
     if parts is None:
@@ -170,12 +174,13 @@ def evaluate_engine(
     shard: DataShard = DataShard(),
     predictions_path: Path | None = None,
     progress: Progress | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float] | None:
     """Task metrics of a live (possibly ZeRO-3 / TP) model on rank 0; None on other ranks.
 
     Every rank must call it at the same point. Rank 0 also writes `predictions_path`.
     """
-    metrics, records = evaluate_task(module, tokenizer, split, decoding, shard, progress)
+    metrics, records = evaluate_task(module, tokenizer, split, decoding, shard, progress, stop)
     if not is_main_process():
         return None
     if predictions_path is not None:
