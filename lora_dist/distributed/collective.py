@@ -100,3 +100,11 @@ def node_main_first(local_rank: int) -> Iterator[None]:
     finally:
         if local_rank == 0:
             barrier()
+
+
+def all_reduce_sum_(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum `tensor` over every rank in place (it must be on this rank's accelerator device);
+    returns it. Nothing is read back to the host: the caller decides when to wait."""
+    if is_distributed():
+        dist.all_reduce(tensor)
+    return tensor

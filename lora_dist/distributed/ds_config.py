@@ -2,7 +2,8 @@
 
 The JSON is passed through to DeepSpeed; we read only what the trainer must know (batch layout,
 precision, ZeRO stage, TP degree) and set only what depends on the run (output paths, the
-persistence threshold that keeps LoRA factors whole).
+persistence threshold that keeps LoRA factors whole, and the ZeRO-3 buffer sizes a config leaves
+at "auto", which depend on the model).
 """
 
 from __future__ import annotations
@@ -32,10 +33,65 @@ def load_ds_config(path: str | Path) -> dict[str, Any]:
         ) from exc
     if not isinstance(cfg, dict):
         raise ConfigError(f"DeepSpeed config {path} must hold a JSON object")
-    autos = [k for k, v in _walk(cfg) if v == "auto"]
+    autos = [k for k, v in _walk(cfg) if v == "auto" and k not in AUTO_KEYS]
     if autos:
-        raise ConfigError(f"{path}: 'auto' values are not resolved by lora-dist: {autos}")
+        raise ConfigError(
+            f"{path}: 'auto' is resolved by lora-dist only for {', '.join(AUTO_KEYS)}; "
+            f"give a value for {autos}"
+        )
     return cfg
+
+
+# ZeRO-3 buffer sizes the trainer fills from the model when the JSON says "auto" (see
+# `zero3_budgets`); DeepSpeed's own defaults are sized for no model in particular.
+AUTO_SIZED = (
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "reduce_bucket_size",
+)
+AUTO_KEYS = tuple(f"zero_optimization.{k}" for k in AUTO_SIZED)
+# DeepSpeed 0.19.8's reduce_bucket_size default: the cap for "auto".
+MAX_REDUCE_BUCKET = 500_000_000
+
+
+def zero3_budgets(block_numel: int, largest_numel: int, trainable_numel: int) -> dict[str, int]:
+    """ZeRO-3 buffer sizes, in elements, for a model whose largest repeated block (decoder layer)
+    holds `block_numel` parameters and whose largest tensor holds `largest_numel`, both as one
+    rank gathers them (after TP).
+
+    - prefetch: the next block is gathered while this one computes;
+    - max live: the block in use, the prefetched one, and the largest tensor (an embedding or
+      LM head can outgrow a block);
+    - reuse distance: a parameter used again within a block (the last layers, from forward into
+      backward) is kept instead of gathered twice;
+    - reduce bucket: every trainable gradient in one bucket (LoRA's are few), capped at
+      DeepSpeed's default.
+
+    DeepSpeed's defaults (5e7, 1e9, 1e9, 5e8) prefetch less than one MLP weight of a 70B model
+    and let a small model keep everything gathered. `lora-dist plan` sizes "auto" the same way.
+    """
+    return {
+        "stage3_prefetch_bucket_size": block_numel,
+        "stage3_max_live_parameters": 2 * block_numel + largest_numel,
+        "stage3_max_reuse_distance": block_numel,
+        "reduce_bucket_size": max(1, min(trainable_numel, MAX_REDUCE_BUCKET)),
+    }
+
+
+def resolve_auto(cfg: dict[str, Any], budgets: dict[str, int]) -> dict[str, Any]:
+    """A copy of `cfg` whose "auto" ZeRO sizes take the values in `budgets`."""
+    cfg = copy.deepcopy(cfg)
+    zero = cfg.get("zero_optimization", {})
+    for key in AUTO_SIZED:
+        if zero.get(key) == "auto":
+            zero[key] = budgets[key]
+    return cfg
+
+
+def has_auto(cfg: dict[str, Any]) -> bool:
+    zero = cfg.get("zero_optimization", {})
+    return any(zero.get(k) == "auto" for k in AUTO_SIZED)
 
 
 def _walk(node: Any, prefix: str = ""):
@@ -79,6 +135,13 @@ def batch_layout(cfg: dict[str, Any], world_size: int) -> BatchLayout:
             "launch a multiple of the TP degree or change autotp_size"
         )
     dp = world_size // tp
+    hpz = int(cfg.get("zero_optimization", {}).get("zero_hpz_partition_size", 1) or 1)
+    if hpz > 1 and tp > 1:
+        raise ConfigError(
+            f"zero_hpz_partition_size {hpz} with tensor_parallel.autotp_size {tp}: DeepSpeed "
+            "builds hpZ groups from consecutive ranks, which are TP peers holding different "
+            "slices; use one of the two"
+        )
     total = cfg.get("train_batch_size")
     micro = cfg.get("train_micro_batch_size_per_gpu")
     accum = cfg.get("gradient_accumulation_steps")
@@ -119,9 +182,18 @@ def prepare_for_run(
     output_dir: Path,
     lora_threshold: int | None,
     lr: float | None,
+    zero_budgets: dict[str, int] | None = None,
 ) -> dict[str, Any]:
-    """A copy of `cfg` with the run's batch layout, output paths and LoRA persistence set."""
-    cfg = copy.deepcopy(cfg)
+    """A copy of `cfg` with the run's batch layout, output paths and LoRA persistence set.
+
+    "auto" ZeRO sizes take `zero_budgets` (`zero3_budgets()` of the model); without them (the
+    config zero.Init loads the base with, before the model exists) they are left out, so
+    DeepSpeed's defaults apply where nothing is gathered yet.
+    """
+    cfg = resolve_auto(cfg, zero_budgets) if zero_budgets else copy.deepcopy(cfg)
+    zero_section = cfg.get("zero_optimization", {})
+    for key in [k for k in AUTO_SIZED if zero_section.get(k) == "auto"]:
+        del zero_section[key]
     cfg["train_batch_size"] = layout.global_batch
     cfg["train_micro_batch_size_per_gpu"] = layout.micro_batch
     cfg["gradient_accumulation_steps"] = layout.grad_accum

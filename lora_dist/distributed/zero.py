@@ -121,6 +121,28 @@ def model_state_bytes(engine) -> dict[str, int]:
     return out
 
 
+def gathered_sizes(model: nn.Module) -> tuple[int, int]:
+    """(elements of the largest repeated block, elements of the largest tensor) as one rank
+    gathers them under ZeRO-3, i.e. after tensor parallelism sliced the weights.
+
+    The repeated blocks are the children of the model's largest `nn.ModuleList` (a decoder's
+    layers); a model without one counts as a single block.
+    """
+
+    def numel(p: torch.Tensor) -> int:
+        return int(getattr(p, "ds_numel", p.numel()))
+
+    largest = max((numel(p) for p in model.parameters()), default=0)
+    blocks = [
+        sum(numel(p) for p in child.parameters())
+        for lst in model.modules()
+        if isinstance(lst, nn.ModuleList)
+        for child in lst
+    ]
+    total = sum(numel(p) for p in model.parameters())
+    return (max(blocks) if blocks else total), largest
+
+
 def zero_stage(ds_config: dict[str, Any]) -> int:
     return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
