@@ -113,12 +113,14 @@ def evaluate_generations(
     batch_size: int,
     all_done: Callable[[bool], bool] | None = None,
     gather: Callable[[Any], list[Any] | None] | None = None,
+    stop: Callable[[], bool] | None = None,
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Greedy-decode this rank's shard of `items`; on the rank `gather` returns a list on (all
     of them in one process), (metrics, one record per item in order); ({}, []) elsewhere.
 
     `rank`/`world_size` are the data-parallel rank and degree; every rank must call this
-    together when `all_done` and `gather` are collectives.
+    together when `all_done` and `gather` are collectives. `stop()` is asked after every batch
+    (make it collective too) and ends generation with generate.GenerationStopped.
     """
     if not items:
         raise DataError("nothing to evaluate: the data has no rows")
@@ -132,6 +134,7 @@ def evaluate_generations(
         batch_size,
         all_done=all_done,
         num_batches=num_batches_for(len(items), world_size, batch_size),
+        stop=stop,
     )
     part = {"items": mine, "texts": texts}
     parts = gather(part) if gather is not None else [part]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -143,9 +144,11 @@ def generation_eval(
     dp_rank: int,
     dp: int,
     path: Path,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, float] | None:
     """Greedy answers to the dev rows, scored by exact match and ROUGE-L (collective); rank 0
-    writes `path` (JSONL) and returns the metrics, the other ranks return None."""
+    writes `path` (JSONL) and returns the metrics, the other ranks return None. `stop` (a
+    collective, asked after every batch) ends it early with generate.GenerationStopped."""
     items = generation_items(user.dev.rows, user.fmt, tokenizer, user.renderer, cfg.eval_limit)
     metrics, records = evaluate_generations(
         module,
@@ -157,6 +160,7 @@ def generation_eval(
         cfg.eval_batch_size,
         all_done=all_done_fn(),
         gather=gather_objects_to_main,
+        stop=stop,
     )
     if not records:
         return None

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from lora_dist.atomic import write_json_atomic
+from lora_dist.data.freeform import perplexity
 from lora_dist.distributed.collective import all_reduce_sum
 from lora_dist.distributed.zero import frozen_local_numel, local_param_numel, model_state_bytes
 from lora_dist.training.monitor import peak_memory
@@ -43,6 +44,8 @@ def run_report(
         "train_loss": last.get("loss"),
         "dev_loss_initial": first_dev,
         "dev_loss": dev,
+        "dev_perplexity": perplexity(dev),
+        "data": t.data.report(),
         "task_metrics": t.task_metrics,
         "tokens_per_s": tps,
         "step_time_median_s": float(np.median(t.step_times)) if t.step_times else None,

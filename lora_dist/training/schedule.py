@@ -1,17 +1,22 @@
 """Deterministic data order and the learning-rate schedule, both functions of the step alone.
 
 Because the samples of step s depend only on (seed, s, dataset size, global batch), a run
-resumed at step s reads exactly what an uninterrupted run would, whatever the world size.
+resumed at step s reads exactly what an uninterrupted run would, whatever the world size. A step
+is an applied optimizer update: one the fp16 loss scaler skips is tried again on the same batch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 
 from lora_dist.errors import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -66,3 +71,29 @@ def lr_multiplier(step: int, total_steps: int, warmup_steps: int, kind: str) -> 
     if kind == "cosine":
         return 0.5 * (1.0 + math.cos(math.pi * progress))
     raise ConfigError(f"unknown lr schedule {kind!r}; use linear, cosine or constant")
+
+
+# fp16's dynamic loss scale halves on every overflow: 2^32 falls to 1 in 32 skipped steps.
+MAX_SKIPPED_IN_A_ROW = 32
+
+
+def step_until_applied(
+    run_step: Callable[[], T], applied: Callable[[], bool], max_skipped: int
+) -> tuple[T, int]:
+    """Run one optimizer step until the optimizer applies it; returns its result and the
+    number of tries the optimizer skipped.
+
+    Under fp16 DeepSpeed skips the update when the gradients overflowed and lowers the loss
+    scale. Counting that as a step would end the run short of its updates and let the step
+    count, the LR schedule (which DeepSpeed does not advance on a skip) and Adam's step count
+    drift apart. The same batch is tried again instead, so step N always means N updates on
+    the batches of steps 0..N-1.
+    """
+    for skipped in range(max_skipped + 1):
+        result = run_step()
+        if applied():
+            return result, skipped
+    raise RuntimeError(
+        f"the optimizer skipped {max_skipped + 1} tries of one step in a row (gradient "
+        "overflow at every loss scale): the loss has diverged or the fp16 settings are wrong"
+    )

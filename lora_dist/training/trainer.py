@@ -11,25 +11,25 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import deepspeed
-import numpy as np
 import torch
 import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from lora_dist.adapter import AdapterSpec
-from lora_dist.atomic import write_json_atomic
 from lora_dist.data.freeform import perplexity
-from lora_dist.distributed.collective import all_reduce_sum
+from lora_dist.distributed.collective import all_reduce_sum_
 from lora_dist.distributed.ds_config import (
+    AUTO_SIZED,
     batch_layout,
+    has_auto,
     load_ds_config,
     model_dtype,
     prepare_for_run,
+    zero3_budgets,
 )
 from lora_dist.distributed.engine_state import seed_everything
 from lora_dist.distributed.host_memory import pin_mmap_threshold
@@ -43,13 +43,12 @@ from lora_dist.distributed.tp import (
     zero_init_config,
 )
 from lora_dist.distributed.zero import (
-    frozen_local_numel,
     gather_lora_state,
-    local_param_numel,
+    gathered_sizes,
     lora_persistence_threshold,
-    model_state_bytes,
     zero_stage,
 )
+from lora_dist.generate import GenerationStopped
 from lora_dist.lora import LoraConfig
 from lora_dist.models import resolve_model_dir
 from lora_dist.tasks import get_task
@@ -57,8 +56,14 @@ from lora_dist.training.checkpointer import Checkpointer, run_identity
 from lora_dist.training.config import TrainConfig
 from lora_dist.training.data import generation_eval, load_training_data
 from lora_dist.training.evaluation import DataShard, Decoding, EvalSplit, dev_loss, evaluate_engine
-from lora_dist.training.monitor import Monitor, memory_kind, peak_memory_bytes
-from lora_dist.training.schedule import DataOrder, lr_multiplier
+from lora_dist.training.monitor import Monitor, PeakMemory, peak_memory, reset_peak_memory
+from lora_dist.training.report import run_report
+from lora_dist.training.schedule import (
+    MAX_SKIPPED_IN_A_ROW,
+    DataOrder,
+    lr_multiplier,
+    step_until_applied,
+)
 
 EXIT_PREEMPTED = 75  # checkpoint written after SIGTERM/SIGUSR1: requeue me
 
@@ -134,7 +139,14 @@ class Trainer:
             self.checkpointer.load_weights(self.resumed_from, model)
 
         threshold = None if cfg.full_finetune else lora_persistence_threshold(model)
-        ds_cfg = prepare_for_run(raw_cfg, self.layout, self.out, threshold, cfg.lr)
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        n_trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)
+        budgets = zero3_budgets(*gathered_sizes(model), n_trainable)
+        if has_auto(raw_cfg):
+            zero = raw_cfg["zero_optimization"]
+            auto = {k: f"{budgets[k]:,}" for k in AUTO_SIZED if zero.get(k) == "auto"}
+            self.monitor.log(f"ZeRO sizes from the model (elements): {auto}")
+        ds_cfg = prepare_for_run(raw_cfg, self.layout, self.out, threshold, cfg.lr, budgets)
         warmup = min(cfg.warmup_steps, self.total_steps // 10)
 
         def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
@@ -142,7 +154,6 @@ class Trainer:
                 optimizer, lambda s: lr_multiplier(s, self.total_steps, warmup, cfg.lr_schedule)
             )
 
-        trainable = [p for p in model.parameters() if p.requires_grad]
         self.engine, _, _, self.scheduler = deepspeed.initialize(
             model=model,
             model_parameters=trainable,
@@ -152,8 +163,11 @@ class Trainer:
         )
         self.device = self.engine.device
         self.step = 0
+        self.checkpointed_step: int | None = None
+        """The step of the newest resumable checkpoint of this run."""
         if self.resumed_from is not None:
             self.step = self.checkpointer.restore(self.resumed_from, self.engine)
+            self.checkpointed_step = self.step
             self.monitor.log(f"resumed from {self.resumed_from} at step {self.step}")
         self.preemption = PreemptionWatch(self.device)
 
@@ -161,6 +175,13 @@ class Trainer:
         self.train_losses: list[tuple[int, float]] = []
         self.step_times: list[float] = []
         self.task_metrics: dict[str, float] | None = None
+        self.peak_reset = False
+        """Whether the training peak could be reset after setup (see monitor.reset_peak_memory)."""
+        self.training_peak: PeakMemory | None = None
+        """This rank's peak memory from the first training step to the last, evaluations between
+        steps included, loading, setup and the final evaluation not."""
+        self.eval_stopped = False
+        """True when a stop signal ended a task evaluation early."""
         self.stopped_early = False
         """True when a stop signal ended the run after a checkpoint (exit EXIT_PREEMPTED)."""
 
@@ -197,30 +218,39 @@ class Trainer:
         for user data (collective; rank 0 returns)."""
         cfg = self.cfg
         self.engine.eval()
-        if self.data.user is not None:
-            path = self.out / "eval" / f"generations_step{self.step}.jsonl"
-            with self.monitor.phase(f"generation eval at step {self.step}"):
-                metrics = generation_eval(
-                    self.engine.module,
-                    self.tokenizer,
-                    self.data.user,
-                    cfg,
-                    self.dp_rank,
-                    self.layout.dp,
-                    path,
-                )
-        else:
-            metrics = self._task_metrics()
-        self.engine.train()
+        name = f"{self.task.name} eval at step {self.step}"
+        try:
+            if self.data.user is not None:
+                name = f"generation eval at step {self.step}"
+                path = self.out / "eval" / f"generations_step{self.step}.jsonl"
+                with self.monitor.phase(name):
+                    metrics = generation_eval(
+                        self.engine.module,
+                        self.tokenizer,
+                        self.data.user,
+                        cfg,
+                        self.dp_rank,
+                        self.layout.dp,
+                        path,
+                        stop=self.preemption.should_stop,  # generation can outlast a time limit
+                    )
+            else:
+                metrics = self._task_metrics(name)
+        except GenerationStopped as stopped:
+            self.monitor.log(f"{name}: {stopped} on {self.preemption.signal_name()}")
+            self.eval_stopped = True
+            return None
+        finally:
+            self.engine.train()
         if metrics is not None:
             numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}
             self.monitor.scalars(self.step, {f"dev/{k}": v for k, v in numeric.items()})
             self.monitor.log(f"step {self.step}: dev generations {numeric}")
         return metrics
 
-    def _task_metrics(self) -> dict[str, float] | None:
+    def _task_metrics(self, name: str) -> dict[str, float] | None:
         cfg = self.cfg
-        with self.monitor.phase(f"{self.task.name} eval at step {self.step}") as progress:
+        with self.monitor.phase(name) as progress:
             metrics = evaluate_engine(
                 self.engine.module,
                 self.tokenizer,
@@ -229,28 +259,57 @@ class Trainer:
                 DataShard(self.dp_rank, self.layout.dp),
                 self.out / "eval" / f"predictions_step{self.step}.jsonl",
                 progress,
+                stop=self.preemption.should_stop,  # generation can outlast a time limit
             )
         return metrics
 
     # -- training -------------------------------------------------------------------------------
-    def train_step(self) -> dict[str, float]:
+    def _accumulate(self) -> tuple[torch.Tensor, int]:
+        """Forward and backward over this rank's micro-batches of the step, then the optimizer
+        step; returns the mean micro-batch loss (on the device) and the tokens seen.
+
+        Nothing here waits for the device: a host read of the loss between micro-batches would
+        stall the CPU before ZeRO-3 could issue the next micro-batch's prefetches.
+        """
         micro_batches = self.order.rank_micro_batches(
             self.step, self.dp_rank, self.layout.dp, self.layout.micro_batch
         )
-        losses, tokens = [], 0.0
+        loss_sum = torch.zeros((), dtype=torch.float32, device=self.device)
+        tokens = 0
         for indices in micro_batches:
             batch = self.train_batches.batch(indices, self.device)
+            tokens += batch.tokens  # counted on the host, before the copy
             loss = self.engine(**batch.inputs).loss
             self.engine.backward(loss)
             self.engine.step()
-            losses.append(loss.detach().float().item())
-            tokens += float(batch.tokens)
-        loss_sum, tokens = all_reduce_sum([sum(losses) / len(losses), tokens], self.device)
+            loss_sum += loss.detach().float()
+        return loss_sum / len(micro_batches), tokens
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step (retried while fp16 overflow skips it); its mean loss, tokens and
+        gradient norm over all ranks, read back to the host once, after the step."""
+        (loss, tokens), skipped = step_until_applied(
+            self._accumulate, self.engine.was_step_applied, MAX_SKIPPED_IN_A_ROW
+        )
+        if skipped:
+            self.monitor.log(
+                f"step {self.step + 1}: gradient overflow skipped {skipped} tries; "
+                f"loss scale now {self.engine.optimizer.loss_scale:g}"
+            )
         grad_norm = self.engine.get_global_grad_norm()
+        grad_norm = float("nan") if grad_norm is None else grad_norm
+        values = torch.stack(
+            [
+                loss.double(),
+                torch.as_tensor(float(tokens), dtype=torch.float64, device=self.device),
+                torch.as_tensor(grad_norm, dtype=torch.float64, device=self.device),
+            ]
+        )
+        loss_sum, tokens_sum, norm_sum = all_reduce_sum_(values).tolist()
         return {
             "loss": loss_sum / self.world,
-            "tokens": tokens / self.layout.tp,
-            "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+            "tokens": tokens_sum / self.layout.tp,
+            "grad_norm": norm_sum / self.world,  # the same global norm on every rank
         }
 
     def fit(self) -> dict[str, Any]:
@@ -265,9 +324,11 @@ class Trainer:
         mon.log(self.data.summary())
         first_dev = dev = self.dev_loss()
         mon.log(f"step {self.step}: dev loss {first_dev:.4f}")
+        self.peak_reset = reset_peak_memory()  # loading and setup are not the training peak
         mon.start(self.step)
         last: dict[str, float] = {}
         tokens_total, started = 0.0, time.perf_counter()
+        final_saved = False
         while self.step < self.total_steps:
             t0 = time.perf_counter()
             last = self.train_step()
@@ -290,27 +351,45 @@ class Trainer:
             )
             mon.progress(self.step, last["loss"], tps, dt)
             self._append_log({"step": self.step, "lr": lr, **last})
-            if self.step % self.eval_every == 0 or self.step == self.total_steps:
+            final = self.step == self.total_steps
+            if final:  # the result is on disk before any evaluation can fail or be cut off
+                self.training_peak = peak_memory()
+                self.save_final()
+                final_saved = True
+            if self.step % self.eval_every == 0 or final:
                 dev = self.dev_loss()
                 mon.log(f"step {self.step}: train loss {last['loss']:.4f}, dev loss {dev:.4f}")
-            if cfg.task_eval_every and self.step % cfg.task_eval_every == 0:
+            due = cfg.task_eval_every and self.step % cfg.task_eval_every == 0
+            if due and not (final and not cfg.skip_task_eval):  # the final one follows below
                 self.task_metrics = self.task_eval()
-            if cfg.save_every and (
-                self.step % cfg.save_every == 0 or self.step == self.total_steps
-            ):
-                self.checkpointer.save(self.step, self.engine)
+            if cfg.save_every and (self.step % cfg.save_every == 0 or final):
+                self._checkpoint()
             if self.preemption.should_stop():
-                mon.log(f"stopping at step {self.step} on {self.preemption.signal_name()}")
-                if self.checkpointer is not None:  # --full_finetune keeps no checkpoints
-                    self.checkpointer.save(self.step, self.engine)
-                mon.close()
-                self.stopped_early = True
-                return {"steps": self.step, "preempted": True}
+                return self._stop(f"at step {self.step}")
         elapsed = time.perf_counter() - started
+        if self.training_peak is None:  # resumed at the last step: no training ran
+            self.training_peak = peak_memory()
+        if not final_saved:
+            self.save_final()
         if not cfg.skip_task_eval:
-            self.task_metrics = self.task_eval()
-        self.save_final()
+            metrics = self.task_eval()
+            if self.eval_stopped:  # the requeued job resumes here and only evaluates
+                return self._stop("during the final evaluation")
+            self.task_metrics = metrics
         return self.finish(first_dev, dev, last, tokens_total / elapsed, elapsed)
+
+    def _checkpoint(self) -> None:
+        self.checkpointer.save(self.step, self.engine)
+        self.checkpointed_step = self.step
+
+    def _stop(self, where: str) -> dict[str, Any]:
+        """Checkpoint (unless this step has one) and end the run with EXIT_PREEMPTED."""
+        self.monitor.log(f"stopping {where} on {self.preemption.signal_name()}")
+        if self.checkpointer is not None and self.checkpointed_step != self.step:
+            self._checkpoint()  # --full_finetune keeps no checkpoints
+        self.monitor.close()
+        self.stopped_early = True
+        return {"steps": self.step, "preempted": True}
 
     def _append_log(self, row: dict[str, float]) -> None:
         """One JSON line per step in train_log.jsonl (rank 0); a resumed run appends to it."""
@@ -331,52 +410,8 @@ class Trainer:
     def finish(
         self, first_dev: float, dev: float, last: dict[str, float], tps: float, elapsed: float
     ) -> dict[str, Any]:
-        """Gather every rank's memory and shard sizes, write metrics.json (rank 0), close."""
-        module, w = self.engine.module, self.world
-        local, total = local_param_numel(module)
-        per_rank = [0.0] * (4 * w)
-        per_rank[self.rank] = float(peak_memory_bytes())
-        per_rank[w + self.rank] = float(local)
-        per_rank[2 * w + self.rank] = float(frozen_local_numel(module))
-        per_rank[3 * w + self.rank] = float(model_state_bytes(self.engine)["total"])
-        per_rank = all_reduce_sum(per_rank, self.device)
-        trainable = sum(
-            int(getattr(p, "ds_numel", p.numel())) for p in module.parameters() if p.requires_grad
-        )
-        metrics = {
-            "steps": self.step,
-            "train_losses": self.train_losses,
-            "resumed_from": str(self.resumed_from) if self.resumed_from else None,
-            "mode": "full_finetune" if self.cfg.full_finetune else "lora",
-            "train_loss": last.get("loss"),
-            "dev_loss_initial": first_dev,
-            "dev_loss": dev,
-            "dev_perplexity": perplexity(dev),
-            "data": self.data.report(),
-            "task_metrics": self.task_metrics,
-            "tokens_per_s": tps,
-            "step_time_median_s": float(np.median(self.step_times)) if self.step_times else None,
-            "elapsed_s": elapsed,
-            "peak_memory_bytes_per_rank": [int(x) for x in per_rank[:w]],
-            "peak_memory_kind": memory_kind(),
-            "param_numel_per_rank": [int(x) for x in per_rank[w : 2 * w]],
-            "frozen_param_numel_per_rank": [int(x) for x in per_rank[2 * w : 3 * w]],
-            "model_state_bytes_per_rank": [int(x) for x in per_rank[3 * w :]],
-            "model_state_bytes_rank0": model_state_bytes(self.engine),
-            "trainable_params": trainable,
-            "total_params": total,
-            "world_size": self.world,
-            "dp": self.layout.dp,
-            "tp": self.layout.tp,
-            "zero_stage": self.stage,
-            "global_batch": self.layout.global_batch,
-        }
-        for r, peak in enumerate(metrics["peak_memory_bytes_per_rank"]):
-            self.monitor.scalars(self.step, {f"memory/peak_bytes_rank{r}": peak})
-        hparams = {k: v for k, v in asdict(self.cfg).items() if v is not None}
-        self.monitor.hparams(hparams, {"hparam/dev_loss": dev})
-        if self.is_main:
-            write_json_atomic(self.out / "metrics.json", metrics)
+        """Write metrics.json (rank 0; a collective) and close the monitor."""
+        metrics = run_report(self, first_dev, dev, last, tps, elapsed)
         self.monitor.log(
             f"done: {self.step} steps, dev loss {first_dev:.4f} -> {dev:.4f}, "
             f"{tps:,.0f} tokens/s, outputs in {self.out}"

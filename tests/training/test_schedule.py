@@ -3,7 +3,7 @@
 import pytest
 
 from lora_dist.errors import ConfigError
-from lora_dist.training.schedule import DataOrder, lr_multiplier
+from lora_dist.training.schedule import DataOrder, lr_multiplier, step_until_applied
 
 
 def test_data_order_is_a_function_of_the_step():
@@ -32,3 +32,24 @@ def test_constant_schedule_and_a_split_smaller_than_a_batch():
     with pytest.raises(ConfigError, match="fewer than one global batch of 16"):
         DataOrder(num_samples=15, global_batch=16, seed=0)
     assert DataOrder(num_samples=16, global_batch=16, seed=0).steps_per_epoch == 1
+
+
+def test_a_step_the_optimizer_skips_is_tried_again_not_counted():
+    # What the trainer sees under fp16: DeepSpeed skips the update on an overflow (and halves
+    # the loss scale) and says so through engine.was_step_applied().
+    applied = iter([False, False, True, True])
+    tries: list[int] = []
+
+    def run_step() -> int:
+        tries.append(len(tries))
+        return len(tries)
+
+    result, skipped = step_until_applied(run_step, lambda: next(applied), max_skipped=5)
+    assert (result, skipped, len(tries)) == (3, 2, 3)  # the third try is step 1's update
+    result, skipped = step_until_applied(run_step, lambda: next(applied), max_skipped=5)
+    assert (result, skipped) == (4, 0)
+
+
+def test_a_step_that_never_applies_stops_the_run():
+    with pytest.raises(RuntimeError, match="skipped 3 tries of one step in a row"):
+        step_until_applied(lambda: None, lambda: False, max_skipped=2)
