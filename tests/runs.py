@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file
+from torch.utils.cpp_extension import get_default_build_root
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -24,6 +25,9 @@ BIN = Path(sys.executable).parent
 CACHE = Path(tempfile.mkdtemp(prefix="lora_dist_test_cache-"))
 atexit.register(shutil.rmtree, CACHE, True)
 TEST_MODEL = "tiny"  # the random 1M-parameter LLaMA; a test that wants another passes --model
+# The shipped ds_configs/zero3.json trains in bf16, for GPUs. Tests compare runs to 1e-6 and
+# bit for bit, which needs fp32: the same config with bf16 off (test_ds_config checks that).
+TEST_DS_CONFIG = "tests/configs/zero3_fp32.json"
 
 
 def free_port() -> int:
@@ -46,8 +50,9 @@ def run_env(**extra: str) -> dict[str, str]:
 
 
 def with_test_model(args: tuple[str, ...] | list[str]) -> list[str]:
-    """ARGS with `--model tiny` added unless they name a model."""
-    return [*args] if "--model" in args else [*args, "--model", TEST_MODEL]
+    """ARGS with `--model tiny` and the fp32 test config added unless they name their own."""
+    args = [*args] if "--model" in args else [*args, "--model", TEST_MODEL]
+    return args if "--ds_config" in args else [*args, "--ds_config", TEST_DS_CONFIG]
 
 
 def train_cmd(ranks: int, *args: str) -> list[str]:
@@ -100,7 +105,7 @@ SMALL_STEPS = 8
 # (the generated-SQL evaluation alone takes longer than the 8 steps); a preempted run's only
 # checkpoint is then the one written on the signal.
 GPT3_SMALL_ENV = {
-    "DS_CONFIG": "ds_configs/zero3.json",
+    "DS_CONFIG": TEST_DS_CONFIG,
     "MODEL_DIR": "tiny",
     "MAX_STEPS": str(SMALL_STEPS),
     "EVAL_EVERY": str(SMALL_STEPS),
@@ -108,7 +113,7 @@ GPT3_SMALL_ENV = {
     "EXTRA_ARGS": "--skip_task_eval",
 }
 SMALL_FLAGS = (
-    "--ds_config", "ds_configs/zero3.json", "--task", "wikisql", "--model", "tiny",
+    "--ds_config", TEST_DS_CONFIG, "--task", "wikisql", "--model", "tiny",
     "--lora_r", "4", "--lora_alpha", "4", "--lora_targets", "attn", "--resume", "auto",
     "--lr", "2e-4", "--epochs", "2", "--max_steps", str(SMALL_STEPS), "--save_every", "50",
     "--eval_every", str(SMALL_STEPS), "--skip_task_eval",
@@ -119,12 +124,17 @@ LAUNCHER_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER
 
 
 def launch_env(**extra: str) -> dict[str, str]:
-    """tests.runs' training environment without any enclosing launcher's variables."""
+    """tests.runs' training environment without any enclosing launcher's variables.
+
+    Slurm jobs build DeepSpeed's ops in a fresh directory per job unless TORCH_EXTENSIONS_DIR
+    is set; on this machine torch's own cache holds the CPU comm op already (a minute to build).
+    """
     env = {
         k: v
         for k, v in run_env().items()
         if not k.startswith(LAUNCHER_PREFIXES) and k not in (*LAUNCHER_VARS, "MASTER_PORT")
     }
+    env.setdefault("TORCH_EXTENSIONS_DIR", get_default_build_root())
     return {**env, **extra}
 
 

@@ -39,7 +39,7 @@ def test_tp2_config_is_zero3_plus_autotp():
 
 
 def test_tp8_config_follows_the_paper_setup():
-    cfg = load_ds_config(CONFIGS / "zero3_tp8.json")  # also refuses any "auto"
+    cfg = load_ds_config(CONFIGS / "zero3_tp8.json")
     assert tp_size(cfg) == 8 and cfg["zero_optimization"]["stage"] == 3
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
     assert cfg["optimizer"]["type"] == "AdamW"
@@ -47,8 +47,10 @@ def test_tp8_config_follows_the_paper_setup():
     assert cfg["optimizer"]["params"]["weight_decay"] == 0.1
     assert cfg["train_batch_size"] == 128 and cfg["gradient_clipping"] == 1.0
     assert cfg["tensorboard"]["enabled"]
-    layout = batch_layout(cfg, world_size=64)  # 8 nodes of 8 GPUs: DP 8
-    assert (layout.dp, layout.tp, layout.grad_accum) == (8, 8, 16)
+    # Micro-batch 8, from `lora-dist plan`: on 2 nodes (DP 2) the cross-node all-gathers per
+    # micro-batch then cost less than its compute (see slurm/gpt3_wikisql.sh).
+    layout = batch_layout(cfg, world_size=16)
+    assert (layout.dp, layout.tp, layout.micro_batch, layout.grad_accum) == (2, 8, 8, 8)
 
 
 def test_zero_init_config_states_the_batch_for_the_whole_world():
@@ -128,6 +130,7 @@ def _train(tmp_path_factory, name: str, ranks: int, config: str, steps: int):
     out = tmp_path_factory.mktemp(name)
     cfg = load_ds_config(CONFIGS / config)
     cfg.update(train_batch_size=4, train_micro_batch_size_per_gpu=2)
+    cfg["bf16"] = {"enabled": False}  # fp32: TP and TP=1 runs agree to 1e-5 (bf16: 1e-2)
     cfg["optimizer"]["params"]["lr"] = LR
     (out / "ds.json").write_text(json.dumps(cfg))
     proc = runs.train(

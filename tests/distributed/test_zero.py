@@ -143,7 +143,7 @@ def reference_init(model_dir: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.multirank
 def test_activation_checkpointing_same_losses_under_zero3(tmp_path: Path) -> None:
-    cfg = json.loads((runs.REPO / "ds_configs" / "zero3.json").read_text())
+    cfg = json.loads((runs.REPO / runs.TEST_DS_CONFIG).read_text())
     cfg |= {"train_batch_size": 4, "train_micro_batch_size_per_gpu": 2}
     cfg["tensorboard"] = {"enabled": False}
     ds = tmp_path / "ds.json"

@@ -215,7 +215,7 @@ def test_two_ranks_zero3_match_one_rank(
     flags = ["--base", str(base_dir), "--adapter", str(adapter_dir)]
     flags += ["--limit", str(N_MULTI), "--batch_size", "2", "--max_new_tokens", str(MAX_NEW)]
     one, one_recs = _eval(tmp_path / "one", *flags)
-    z3 = ["--ds_config", str(REPO / "ds_configs" / "zero3.json")]
+    z3 = ["--ds_config", str(REPO / "tests" / "configs" / "zero3_fp32.json")]
     two_flags = flags + z3 + ["--output_dir", str(tmp_path / "two")] + (["--merged"] * merged)
     _launch_two_ranks(entry, two_flags)
     two = json.loads((tmp_path / "two" / "eval.json").read_text())
