@@ -1,18 +1,20 @@
-"""Predict per-GPU memory of full fine-tuning vs LoRA under ZeRO and TP, before you queue a run.
+"""Predict per-GPU memory and communication of LoRA (vs full fine-tuning) under ZeRO and TP.
 
-The accounting is in lora_dist.planning.memory. Settings come from the flags, which override
---paper, which overrides --ds_config, which overrides the defaults.
+The accounting is in lora_dist.planning.memory and lora_dist.planning.comm. Settings come from
+the flags, which override --paper, which overrides --ds_config, which overrides the defaults.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 from lora_dist.commands.options import Options, option
 from lora_dist.errors import ConfigError
+from lora_dist.planning.comm import CommPlan, Links, layer_numel, layout_for, plan_comm
 from lora_dist.planning.memory import (
     GIB,
     ITEMS,
@@ -73,8 +75,20 @@ class PlanOptions(Options):
     """gpu, or cpu for CPU-only ranks (host memory is then the rank's memory)"""
     overhead_gib: float | None = option(None, minimum=0)
     """framework overhead per rank (default: 2 GiB on a GPU, 0.6 GiB on the CPU)"""
+    global_batch: int | None = option(None, minimum=1)
+    """sequences per optimizer step over all ranks (default: the ds_config's train_batch_size,
+    else one micro-batch per data-parallel rank)"""
+    hpz: int | None = option(None, minimum=1)
+    """ZeRO++ zero_hpz_partition_size: a second copy of the base partitioned inside each node
+    (default: the ds_config's, else 1 = off)"""
+    nvlink_gbs: float = option(450.0, above=0)
+    """GB/s per GPU between GPUs of a node (NVLink 4 of an H100 SXM: 450)"""
+    ib_gbs: float = option(50.0, above=0)
+    """GB/s per GPU between nodes (one 400 Gb/s InfiniBand NIC per GPU: 50)"""
+    gpu_tflops: float = option(989.0, above=0)
+    """dense bf16 TFLOP/s per GPU, for the compute floor (H100 SXM: 989)"""
     ds_config: str | None = None
-    """a DeepSpeed JSON: ZeRO stage, offload, precision, micro-batch and bucket sizes"""
+    """a DeepSpeed JSON: ZeRO stage, offload, precision, batch sizes, hpZ and bucket sizes"""
     paper: bool = False
     """Hu et al.'s accounting of 1.2 TB vs 350 GB (GPT-3 175B unless --model is given)"""
     json: bool = False
@@ -98,6 +112,7 @@ _RUN_FIELDS = {
     "max_length": "seq_len",
     "activation_checkpointing": "checkpointing",
 }
+_NOT_RUN = ("nvlink_gbs", "ib_gbs", "gpu_tflops")
 
 
 def run_settings(opts: PlanOptions) -> tuple[ModelShape, RunSettings]:
@@ -108,7 +123,7 @@ def run_settings(opts: PlanOptions) -> tuple[ModelShape, RunSettings]:
     names = {f.name for f in dataclasses.fields(RunSettings)}
     for name, value in dataclasses.asdict(opts).items():
         key = _RUN_FIELDS.get(name, name)
-        if key in names and value is not None:
+        if key in names and value is not None and name not in _NOT_RUN:
             settings[key] = value
     return load_shape(opts.model or "gpt3-175b"), RunSettings(buffers=buffers, **settings)
 
@@ -148,7 +163,69 @@ def format_plan(plan: MemoryPlan) -> str:
     return "\n".join(out + [f"note: {n}" for n in plan.notes])
 
 
+def comm_plan(plan: MemoryPlan, links: Links, micro_batch: int | None = None) -> CommPlan:
+    """The communication plan of `plan`'s LoRA run (at another micro-batch if given)."""
+    run = (
+        plan.run if micro_batch is None else dataclasses.replace(plan.run, micro_batch=micro_batch)
+    )
+    buffers = plan.run.buffers
+    reuse = buffers.stage3_max_reuse_distance
+    if "stage3_max_reuse_distance" in buffers.auto:  # sized from the model, as the trainer does
+        reuse = layer_numel(plan.shape, run.tp) + plan.lora_params // plan.shape.layers
+    return plan_comm(plan.shape, layout_for(plan.shape, run, run.global_batch, reuse), links)
+
+
+def format_comm(plan: MemoryPlan, comm: CommPlan) -> str:
+    """The communication section: traffic per GPU and step, the two floors, the balance."""
+    lay, links = comm.layout, comm.links
+    gb = lambda b: f"{b / 1e9:,.1f} GB"  # noqa: E731
+    where = "across nodes" if lay.dp > lay.dp_per_node else "inside one node"
+    hpz = f", hpZ {lay.hpz}" if lay.hpz > 1 and lay.tp == 1 else ""
+    out = [
+        "",
+        f"communication per step, LoRA ({plan.run.base_dtype} base, ZeRO-{lay.zero_stage}{hpz}):"
+        f" TP {lay.tp} x DP {lay.dp} ({lay.dp_per_node} DP rank(s) per node, DP group {where});"
+        f" {lay.micro_batches} micro-batch(es) of {lay.micro_batch} x {lay.seq_len} tokens per"
+        f" DP rank (global batch {lay.global_batch})",
+        f"  base all-gather per micro-batch: forward {comm.forward_elements:,} + backward "
+        f"{comm.backward_elements:,} elements of this rank's TP slice",
+        f"  received per GPU per step: all-gather {gb(comm.gather_inside_bytes)} inside the node"
+        f" + {gb(comm.gather_across_bytes)} across nodes; TP all-reduce {gb(comm.tp_bytes)};"
+        f" LoRA gradients and factors {gb(comm.lora_bytes)}",
+        f"  time floor per step: communication {comm.comm_seconds:,.2f} s (NVLink "
+        f"{links.nvlink_gbs:g} GB/s, InfiniBand {links.ib_gbs:g} GB/s per GPU) vs compute "
+        f"{comm.compute_seconds:,.2f} s ({links.gpu_tflops:g} TFLOP/s): bound by {comm.bound}",
+    ]
+    balance = comm.balanced_micro_batch
+    if comm.gather_seconds_per_micro == 0:
+        out.append("  no base all-gathers: the micro-batch trades only memory against speed")
+    elif math.isinf(balance):
+        out.append("  TP all-reduces alone outlast the compute: no micro-batch balances them")
+    else:
+        need = max(1, math.ceil(balance))
+        bigger = plan_memory(plan.shape, dataclasses.replace(plan.run, micro_batch=need))
+        fits = "fits" if bigger.fits(bigger.lora) else "does NOT fit"
+        out.append(
+            f"  balanced micro-batch: {balance:.2f} (gathers {comm.gather_seconds_per_micro:.3f} s"
+            f" per micro-batch vs {comm.compute_seconds_per_sequence:.3f} s of compute per "
+            f"sequence); at {need} LoRA needs {bigger.lora.per_gpu / GIB:.1f} GiB per GPU "
+            f"({fits} in {plan.run.gpu_gib:g})"
+        )
+    out += [f"  note: {n}" for n in comm.notes]
+    return "\n".join(out)
+
+
 def run(opts: PlanOptions) -> int:
     plan = plan_memory(*run_settings(opts))
-    print(json.dumps(plan.to_dict(), indent=2) if opts.json else format_plan(plan))
+    links = Links(opts.nvlink_gbs, opts.ib_gbs, opts.gpu_tflops)
+    comm = comm_plan(plan, links)
+    if opts.json:
+        out = plan.to_dict()
+        out["comm"] = dataclasses.asdict(comm) | {
+            "bound": comm.bound,
+            "balanced_micro_batch": comm.balanced_micro_batch,
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(format_plan(plan) + "\n" + format_comm(plan, comm))
     return 0

@@ -22,6 +22,7 @@ Accounting, per rank (DP = world / TP):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from lora_dist.errors import ConfigError
+from lora_dist.planning.comm import layer_numel
 from lora_dist.planning.shapes import (
     DTYPE_BYTES,
     ModelShape,
@@ -55,6 +57,27 @@ ITEMS = ("base weights", "LoRA weights", "gradients", "optimizer states", "activ
 ITEMS += ("comm buffers", "framework overhead")
 
 
+# The sizes lora-dist's trainer gives ZeRO's "auto" buffers; the same rule as
+# lora_dist.distributed.ds_config.zero3_budgets (tests/planning/test_comm.py holds them equal).
+AUTO_SIZED = (
+    "stage3_prefetch_bucket_size",
+    "stage3_max_live_parameters",
+    "stage3_max_reuse_distance",
+    "reduce_bucket_size",
+)
+MAX_REDUCE_BUCKET = 500_000_000
+
+
+def auto_sizes(block: int, largest: int, trainable: int) -> dict[str, int]:
+    """Prefetch a block, keep two blocks and the largest tensor live, reuse within a block."""
+    return {
+        "stage3_prefetch_bucket_size": block,
+        "stage3_max_live_parameters": 2 * block + largest,
+        "stage3_max_reuse_distance": block,
+        "reduce_bucket_size": max(1, min(trainable, MAX_REDUCE_BUCKET)),
+    }
+
+
 @dataclass
 class ZeroBuffers:
     """ZeRO bucket sizes in elements; defaults are DeepSpeed 0.19.8's runtime/zero/config.py."""
@@ -64,12 +87,24 @@ class ZeroBuffers:
     stage3_param_persistence_threshold: int = 100_000
     reduce_bucket_size: int = 500_000_000
     allgather_bucket_size: int = 500_000_000
+    stage3_max_reuse_distance: int = 1_000_000_000
+    auto: list[str] = field(default_factory=list)
+    """Sizes the config leaves at "auto": the trainer sizes them from the model (auto_sizes)."""
 
     @classmethod
     def from_ds_config(cls, zero: dict[str, Any]) -> ZeroBuffers:
-        """Read the `zero_optimization` section; "auto" (HF Trainer) keeps the default."""
-        picked = {f.name: zero[f.name] for f in fields(cls) if f.name in zero}
-        return cls(**{k: int(float(v)) for k, v in picked.items() if v != "auto"})
+        """Read the `zero_optimization` section, noting which sizes say "auto"."""
+        names = [f.name for f in fields(cls) if f.name != "auto"]
+        picked = {k: zero[k] for k in names if k in zero}
+        auto = [k for k, v in picked.items() if v == "auto" and k in AUTO_SIZED]
+        sizes = {k: int(float(v)) for k, v in picked.items() if v != "auto"}
+        return cls(**sizes, auto=auto)
+
+    def resolved(self, block: int, largest: int, trainable: int) -> ZeroBuffers:
+        """These sizes with every "auto" one sized from the model, as the trainer does."""
+        sizes = auto_sizes(block, largest, trainable)
+        values = {k: sizes[k] for k in self.auto}
+        return dataclasses.replace(self, **values, auto=[])
 
 
 @dataclass
@@ -102,6 +137,10 @@ class RunSettings:
     overhead_gib: float | None = None
     """None: FRAMEWORK_OVERHEAD_GIB[device]."""
     buffers: ZeroBuffers = field(default_factory=ZeroBuffers)
+    hpz: int = 1
+    """ZeRO++ zero_hpz_partition_size: a second partition of the base over this many ranks."""
+    global_batch: int | None = None
+    """Sequences per optimizer step over all ranks; None: one micro-batch per DP rank."""
     states_only: bool = False
     """Count only weights and optimizer states, as the LoRA paper's 1.2 TB vs 350 GB does."""
 
@@ -129,6 +168,18 @@ class RunSettings:
                     f"--tp {self.tp} does not divide the {n} {what} of {shape.name}; "
                     f"use --tp in {ok}"
                 )
+        if self.hpz < 1 or (self.hpz > 1 and self.gpus_per_node % self.hpz):
+            raise ConfigError(
+                f"--hpz {self.hpz} must divide --gpus_per_node {self.gpus_per_node}: its groups "
+                "live inside a node"
+            )
+        if self.hpz > 1 and (self.zero_stage != 3 or self.tp != 1):
+            raise ConfigError(
+                "--hpz needs --zero 3 and --tp 1 (DeepSpeed groups consecutive ranks, which are "
+                "TP peers when TP > 1)"
+            )
+        if self.global_batch is not None and self.global_batch < 1:
+            raise ConfigError("--global_batch must be at least 1")
         if self.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"--zero must be 0, 1, 2 or 3, not {self.zero_stage}")
         if self.offload not in OFFLOADS:
@@ -235,6 +286,12 @@ def plan_memory(shape: ModelShape, run: RunSettings) -> MemoryPlan:
     sharded = (n_rank - persistent) / (dp if stage == 3 else 1)
     keys = resolve_targets(shape, run.targets)
     n_lora = lora_param_count(shape, run.lora_r, keys)
+    # "auto" sizes as the trainer resolves them: its block holds the layer's LoRA factors too.
+    block = layer_numel(shape, t)
+    buffers = {
+        "full": buf.resolved(block, int(largest), int(n_rank)),
+        "lora": buf.resolved(block + n_lora // shape.layers, int(largest), n_lora),
+    }
     on_host = run.device == "cpu"  # host memory is the same RSS the CPU run is measured by
 
     def place(mode: ModeMemory, item: str, nbytes: float, offloaded: bool) -> None:
@@ -262,21 +319,27 @@ def plan_memory(shape: ModelShape, run: RunSettings) -> MemoryPlan:
         param_off = run.offload == "param+optimizer"
         place(mode, "base weights", persistent * wb, False)
         place(mode, "base weights", sharded * wb, param_off)
+        if run.hpz > 1:  # ZeRO++'s second partition of the base, over the hpZ group
+            place(mode, "base weights", (n_rank - persistent) / run.hpz * wb, False)
         if run.states_only:
             continue
         mode.items["activations"] = activation_bytes(shape, run, keys_used)
         mode.items["framework overhead"] = overhead * GIB
         if stage == 3:  # gathered layers: the module in use plus the prefetch bucket, capped
-            cap = max(buf.stage3_max_live_parameters, largest)
-            live = min(buf.stage3_prefetch_bucket_size + largest, cap, n_rank)
+            b = buffers["lora" if keys_used else "full"]
+            cap = max(b.stage3_max_live_parameters, largest)
+            live = min(b.stage3_prefetch_bucket_size + largest, cap, n_rank)
             mode.items["comm buffers"] = live * wb
     place(lora, "LoRA weights", n_lora * lb, False)
     trainable(full, n_rank, wb)
     trainable(lora, n_lora, lb)
     if not run.states_only:
-        for mode, n, nb in ((full, n_rank, wb), (lora, n_lora, lb)):
+        for mode, n, nb, b in (
+            (full, n_rank, wb, buffers["full"]),
+            (lora, n_lora, lb, buffers["lora"]),
+        ):
             # DeepSpeed allocates the reduce bucket whole on a GPU; on CPU only touched pages count.
-            bucket = buf.reduce_bucket_size if not on_host else min(buf.reduce_bucket_size, n)
+            bucket = b.reduce_bucket_size if not on_host else min(b.reduce_bucket_size, n)
             gather = min(buf.allgather_bucket_size, n) if stage in (1, 2) else 0
             mode.items["comm buffers"] += (bucket + gather) * nb
         if stage == 3:  # a gathered layer's full gradient exists until it is reduce-scattered
@@ -329,4 +392,8 @@ def ds_overrides(path: str | None) -> tuple[dict[str, Any], ZeroBuffers]:
             out["base_dtype"] = name
     if isinstance(ds.get("train_micro_batch_size_per_gpu"), int):
         out["micro_batch"] = ds["train_micro_batch_size_per_gpu"]
+    if isinstance(ds.get("train_batch_size"), int):
+        out["global_batch"] = ds["train_batch_size"]
+    if isinstance(zero.get("zero_hpz_partition_size"), int):
+        out["hpz"] = zero["zero_hpz_partition_size"]
     return out, ZeroBuffers.from_ds_config(zero)

@@ -39,10 +39,13 @@ def test_json_round_trips(capsys: pytest.CaptureFixture[str]) -> None:
     argv = ["--model", "llama-2-70b", "--nodes", "4", "--tp", "8", "--offload", "optimizer"]
     rc, out, _ = run_cli(capsys, *argv, "--targets", "all", "-r", "16", "--json")
     assert rc == 0
-    from_cli = MemoryPlan.from_dict(json.loads(out))
+    printed = json.loads(out)
+    comm = printed.pop("comm")  # the communication plan, next to the memory plan
+    assert comm["bound"] in ("communication", "compute") and comm["layout"]["tp"] == 8
+    from_cli = MemoryPlan.from_dict(printed)
     run = RunSettings(nodes=4, tp=8, offload="optimizer", targets="all", lora_r=16)
     assert from_cli == plan_memory(load_shape("llama-2-70b"), run)
-    assert json.loads(json.dumps(from_cli.to_dict())) == json.loads(out)
+    assert json.loads(json.dumps(from_cli.to_dict())) == printed
 
 
 def test_table_has_verdicts_and_units(capsys: pytest.CaptureFixture[str]) -> None:
@@ -62,8 +65,9 @@ def test_ds_config_buffers(tmp_path) -> None:
         defaults.param_persistence_threshold,
         defaults.reduce_bucket_size,
         defaults.allgather_bucket_size,
+        defaults.max_reuse_distance,
     )
-    zero = {"stage": 3, "reduce_bucket_size": 1e6, "stage3_prefetch_bucket_size": "auto"}
+    zero = {"stage": 3, "reduce_bucket_size": 1e6, "stage3_max_live_parameters": 1e9}
     path = tmp_path / "ds.json"
     path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": zero}))
     args = ["--model", "llama-2-7b", "--json"]
@@ -73,6 +77,16 @@ def test_ds_config_buffers(tmp_path) -> None:
     assert small["run"]["buffers"]["stage3_prefetch_bucket_size"] == defaults.prefetch_bucket_size
     saved = (base["lora"]["items"]["comm buffers"] - small["lora"]["items"]["comm buffers"]) / 2
     assert saved == defaults.reduce_bucket_size - 1_000_000  # bf16 elements no longer allocated
+    # "auto" sizes come from the model, as the trainer sizes them: a LLaMA-2-7B layer (202M
+    # elements, its q,v LoRA factors included) is prefetched whole, the reduce bucket holds
+    # every LoRA gradient (r=8 on q,v of 32 layers: 4.2M).
+    zero |= {"stage3_prefetch_bucket_size": "auto", "reduce_bucket_size": "auto"}
+    path.write_text(json.dumps({"bf16": {"enabled": True}, "zero_optimization": zero}))
+    auto = json.loads(_cli_json([*args, "--ds_config", str(path)]))
+    layer = 4 * 4096 * 4096 + 3 * 4096 * 11008 + 2 * 4096 + 2 * 8 * (4096 + 4096)
+    lora = 32 * 2 * 8 * (4096 + 4096)
+    gathered = auto["lora"]["items"]["comm buffers"] / 2 - lora
+    assert gathered == layer + 32000 * 4096  # the prefetched layer plus the largest tensor
 
 
 def _cli_json(argv: list[str]) -> str:
