@@ -13,6 +13,33 @@
 #                          preemption requeues: a job preempted 3 times gets no crash retry)
 #   MAX_REQUEUES=100       runaway guard for preemption requeues (exit 75)
 #   SRUN_WAIT=120          seconds srun waits for the other ranks once one has exited
+#   SITE_ENV               a file sourced first, for a site's settings (below)
+#   EXT_DIR                where DeepSpeed JIT-builds its fused ops (default: node-local, below)
+#
+# CPUs. The scripts ask `--cpus-per-task`; since Slurm 22.05 srun does not inherit it from the
+# batch job, so srun mode passes it on, and OMP_NUM_THREADS follows it (torch's CPU threads,
+# tokenization) unless set.
+#
+# Fused ops. DeepSpeed compiles its CUDA ops (FusedAdam, ...) on first use into
+# TORCH_EXTENSIONS_DIR, under a lock file. The default, ~/.cache/torch_extensions, is often an
+# NFS home shared by every node: concurrent builds then wait on each other's locks, and a rank
+# killed mid-build leaves a lock that hangs the next job. So each job builds on node-local disk,
+# ${TMPDIR:-/tmp}/lora-dist-ext-<user>-<job> (about a minute per op; requeues build again).
+# Better still, build them once when installing: DS_BUILD_OPS=1 pip install deepspeed.
+#
+# NCCL. Defaults set here, only when unset: NCCL_DEBUG=WARN (INFO shows the transport and
+# topology chosen: check for "NET/IB" between nodes, not "NET/Socket"). Settings that depend on
+# the site go in SITE_ENV; the usual ones:
+#   NCCL_SOCKET_IFNAME=ib0|eth0     bootstrap interface on nodes with several (also
+#                                   GLOO_SOCKET_IFNAME for gloo)
+#   NCCL_IB_HCA=mlx5_0,mlx5_1,...   which InfiniBand adapters (one per GPU on an H100 node)
+#   NCCL_IB_GID_INDEX=3             RoCE fabrics
+#   NCCL_NET_GDR_LEVEL=PHB          GPUDirect RDMA reach; NCCL_TOPO_FILE on VMs that hide it
+#   FI_PROVIDER=efa, FI_EFA_USE_DEVICE_RDMA=1   AWS EFA through aws-ofi-nccl
+#   TORCH_NCCL_ASYNC_ERROR_HANDLING=1, NCCL_TIMEOUT via the trainer are PyTorch's: a failed
+#                                   peer then aborts the job instead of hanging to the limit
+# `lora-dist plan` prints the all-gather volume inside and across nodes for a layout, and which
+# of communication and compute bounds the step.
 #
 # Signals. `#SBATCH --signal=B:USR1@N` signals only the batch shell (this script); without `B:`
 # Slurm signals the job steps, which misses a deepspeed launcher running in the batch step. So the
@@ -36,6 +63,21 @@ MAX_RESTARTS="${MAX_RESTARTS:-3}"
 MAX_REQUEUES="${MAX_REQUEUES:-100}"
 SRUN_WAIT="${SRUN_WAIT:-120}"
 LC_PAYLOAD_PID=""
+
+# Settings every rank inherits: the site's file, node-local op builds, NCCL and CPU defaults.
+lc_site_env() {
+    if [[ -n "${SITE_ENV:-}" ]]; then
+        [[ -f "$SITE_ENV" ]] || lc_die "SITE_ENV=$SITE_ENV does not exist"
+        # shellcheck source=/dev/null
+        source "$SITE_ENV"
+    fi
+    export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-${EXT_DIR:-${TMPDIR:-/tmp}/lora-dist-ext-${USER:-user}-${SLURM_JOB_ID:-0}}}"
+    export TRITON_CACHE_DIR="${TRITON_CACHE_DIR:-$TORCH_EXTENSIONS_DIR/triton}"
+    export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
+    if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+        export OMP_NUM_THREADS="${OMP_NUM_THREADS:-$SLURM_CPUS_PER_TASK}"
+    fi
+}
 
 lc_log() {
     echo "[launch $(date +%H:%M:%S) job ${SLURM_JOB_ID:-?}] $*"
@@ -81,19 +123,34 @@ lc_build_command() {
         read -r -a extra <<<"${SRUN_EXTRA_ARGS:-}"
         # No --kill-on-bad-exit: the first rank to exit 75 would get its peers killed while they
         # still write their share of the checkpoint. --wait bounds a hang after a crash instead.
+        if [[ -n "${SLURM_CPUS_PER_TASK:-}" ]]; then
+            extra=(--cpus-per-task="$SLURM_CPUS_PER_TASK" "${extra[@]}")
+        fi
         LC_CMD=(srun --nodes="$LC_NNODES" --ntasks="$world" --ntasks-per-node="$LC_TASKS_PER_NODE"
             --kill-on-bad-exit=0 --wait="$SRUN_WAIT" "${extra[@]}" "$LC_DIR/srun_task.sh" "$@")
         ;;
     deepspeed)
         local hostfile="${LC_HOSTFILE:-${TMPDIR:-/tmp}/lora_dist_hostfile.$SLURM_JOB_ID}"
-        local node
+        local node slots="$LC_TASKS_PER_NODE" include=""
+        # On one node deepspeed's launch.py sets CUDA_VISIBLE_DEVICES to the hostfile's slot ids
+        # 0..n-1, which would throw away the GPUs Slurm assigned (say 4,5,6,7 on a shared node)
+        # and run on another job's. Naming Slurm's ids as the slots keeps them. (Across nodes the
+        # launcher hands the ranks to srun, which binds them itself.)
+        if ((LC_NNODES == 1)) && [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then
+            lc_slurm_gpu_slots "$CUDA_VISIBLE_DEVICES"
+            slots="$LC_MAX_SLOT"
+            include="${LC_NODES[0]}:$CUDA_VISIBLE_DEVICES"
+        fi
         for node in "${LC_NODES[@]}"; do
-            echo "$node slots=$LC_TASKS_PER_NODE"
+            echo "$node slots=$slots"
         done >"$hostfile"
-        lc_log "deepspeed hostfile $hostfile: $(tr '\n' ';' <"$hostfile")"
+        lc_log "deepspeed hostfile $hostfile: $(tr '\n' ';' <"$hostfile")${include:+ include $include}"
         # --no_ssh_check: a Slurm allocation needs no ssh; the slurm launcher uses srun.
         LC_CMD=("$DEEPSPEED" --hostfile "$hostfile" --master_addr "$MASTER_ADDR"
             --master_port "$MASTER_PORT" --no_ssh_check)
+        if [[ -n "$include" ]]; then
+            LC_CMD+=(--include "$include")
+        fi
         if ((LC_NNODES > 1)); then
             LC_CMD+=(--launcher "$DS_LAUNCHER")
         fi
@@ -104,6 +161,23 @@ lc_build_command() {
         ;;
     *) lc_die "LAUNCH_MODE=$LAUNCH_MODE: use srun or deepspeed" ;;
     esac
+}
+
+# Checks Slurm's CUDA_VISIBLE_DEVICES for this node against the ranks; sets LC_MAX_SLOT to the
+# hostfile slot count that makes every id a valid slot.
+lc_slurm_gpu_slots() {  # CUDA_VISIBLE_DEVICES
+    local -a ids
+    local id max=-1
+    IFS=',' read -r -a ids <<<"$1"
+    for id in "${ids[@]}"; do
+        [[ "$id" =~ ^[0-9]+$ ]] || lc_die "CUDA_VISIBLE_DEVICES=$1 holds '$id', not a GPU index:" \
+            "the deepspeed launcher can only name GPUs by index; use LAUNCH_MODE=srun"
+        ((id > max)) && max="$id"
+    done
+    ((${#ids[@]} == LC_TASKS_PER_NODE)) || lc_die "Slurm gave this node ${#ids[@]} GPU(s)" \
+        "(CUDA_VISIBLE_DEVICES=$1) for $LC_TASKS_PER_NODE rank(s): request --gres=gpu:N with N" \
+        "equal to --ntasks-per-node"
+    LC_MAX_SLOT=$((max + 1))
 }
 
 lc_is_launcher() {  # ARGS-STRING: processes that relay work and must not receive USR1 themselves
@@ -196,6 +270,7 @@ lc_finish() {  # RC
 lc_main() {
     lc_require_int MAX_RESTARTS "$MAX_RESTARTS" 0 1000
     lc_require_int MAX_REQUEUES "$MAX_REQUEUES" 0 100000
+    lc_site_env
     lc_resolve_layout
     local -a program
     if [[ -n "${TRAIN_CMD:-}" ]]; then

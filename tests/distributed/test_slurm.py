@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -35,7 +36,8 @@ from lora_dist.distributed.launch import discover_ranks
 info = discover_ranks()
 out, mode = os.environ["PROBE_DIR"], os.environ.get("PROBE_MODE", "ok")
 run = int(os.environ.get("SLURM_RESTART_COUNT", "0"))
-keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT")
+keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SLURM_PROCID", "MASTER_ADDR", "MASTER_PORT",
+        "CUDA_VISIBLE_DEVICES", "TORCH_EXTENSIONS_DIR", "NCCL_DEBUG", "OMP_NUM_THREADS")
 env = {k: os.environ.get(k) for k in keys}
 rec = {"info": vars(info), "argv": sys.argv[1:], "run": run, "env": env}
 code = 0
@@ -102,6 +104,7 @@ def two_tasks(tmp_path: Path) -> list[str]:
     return [
         "--nodes=1",
         "--ntasks-per-node=2",
+        "--cpus-per-task=1",  # the GPU scripts ask 8; this machine has 2 cores
         f"--output={tmp_path}/job-%j.out",
         "--open-mode=append",
         "--requeue",
@@ -144,6 +147,35 @@ def test_two_tasks_get_ranks_0_and_1(
         assert rec["argv"] == ["--flag", "value"]
     if mode == "srun":  # srun_task.sh's mapping agrees with Slurm's own task ids
         assert all(r["env"]["SLURM_PROCID"] == r["env"]["RANK"] for r in recs.values())
+
+
+@pytest.mark.slurm
+def test_deepspeed_launcher_keeps_the_gpus_slurm_assigned(
+    slurm_cluster: SlurmCluster, probe: dict, tmp_path: Path
+) -> None:
+    # Slurm gave this job GPUs 3 and 5 of a shared node (no cgroup renumbering). deepspeed's
+    # launch.py would set CUDA_VISIBLE_DEVICES=0,1 from the hostfile's slots: another job's GPUs.
+    env = {**probe, "LAUNCH_MODE": "deepspeed", "CUDA_VISIBLE_DEVICES": "3,5"}
+    job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=env)
+    assert (job.state, job.returncode) == ("COMPLETED", 0), job.describe()
+    recs = records(tmp_path)
+    assert sorted(recs) == [(0, 0), (1, 0)]
+    for (rank, _), rec in recs.items():
+        assert rec["env"]["CUDA_VISIBLE_DEVICES"] == "3,5", rec["env"]
+        assert rec["info"]["local_rank"] == rank  # LOCAL_RANK k is the k-th of Slurm's GPUs
+    # Settings every rank inherits: node-local op builds, NCCL's log level, CPU threads.
+    env = recs[(0, 0)]["env"]
+    assert env["NCCL_DEBUG"] == "WARN" and env["OMP_NUM_THREADS"] == "1"
+    assert env["TORCH_EXTENSIONS_DIR"].endswith(
+        f"lora-dist-ext-{os.environ.get('USER', 'user')}-{job.job_id}"
+    )
+    # Slurm's GPUs must match the ranks: a count mismatch is refused before anything starts.
+    (tmp_path / "rank0.run0.json").unlink()
+    (tmp_path / "rank1.run0.json").unlink()
+    env = {**probe, "LAUNCH_MODE": "deepspeed", "CUDA_VISIBLE_DEVICES": "3"}
+    job = slurm_cluster.sbatch(tmp_path / "job.sh", sbatch_args=two_tasks(tmp_path), env=env)
+    assert job.returncode == 2 and "gave this node 1 GPU(s)" in job.output
+    assert records(tmp_path) == {}
 
 
 @pytest.mark.slurm
