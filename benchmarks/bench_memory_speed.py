@@ -80,11 +80,17 @@ def run_worker(args: argparse.Namespace) -> None:
     import deepspeed
     import torch
 
-    from lora_dist.distributed.ds_config import batch_layout, load_ds_config, prepare_for_run
+    from lora_dist.distributed.ds_config import (
+        batch_layout,
+        load_ds_config,
+        prepare_for_run,
+        zero3_budgets,
+    )
     from lora_dist.distributed.host_memory import pin_mmap_threshold
     from lora_dist.distributed.launch import init_distributed
     from lora_dist.distributed.zero import (
         frozen_local_numel,
+        gathered_sizes,
         lora_persistence_threshold,
         model_state_bytes,
     )
@@ -118,19 +124,27 @@ def run_worker(args: argparse.Namespace) -> None:
         threshold = max(p.numel() for p in model.parameters() if p.requires_grad)
     else:
         model.requires_grad_(True)
-    cfg = prepare_for_run(raw, layout, Path(args.out).parent, threshold, None)
     trainable = [p for p in model.parameters() if p.requires_grad]
+    # "auto" ZeRO sizes as the trainer resolves them, the same rule for every configuration.
+    n_trainable = sum(int(getattr(p, "ds_numel", p.numel())) for p in trainable)
+    budgets = zero3_budgets(*gathered_sizes(model), n_trainable)
+    cfg = prepare_for_run(raw, layout, Path(args.out).parent, threshold, None, budgets)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=trainable, config=cfg)
     engine.train()
+    on_cuda = torch.cuda.is_available()
+    if on_cuda:  # the training peak, after loading and setup (gpu_check.sh's figures)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     tokens = torch.load(args.data)
     times, losses = [], []
     for step in range(args.warmup + args.steps):
         ids = tokens[(step * info.world_size + info.rank) % len(tokens)].unsqueeze(0)
+        ids = ids.to(engine.device)
         t0 = time.perf_counter()
         loss = engine(input_ids=ids, labels=ids).loss
         engine.backward(loss)
         engine.step()
-        losses.append(loss.item())
+        losses.append(loss.item())  # waits for the step: the time is the step's
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
     frozen = [p for p in engine.module.parameters() if not p.requires_grad]
@@ -147,6 +161,11 @@ def run_worker(args: argparse.Namespace) -> None:
         "step_times": times,
         "losses": losses,
     }
+    if on_cuda:
+        report["cuda_peak"] = {
+            "allocated": torch.cuda.max_memory_allocated(),
+            "reserved": torch.cuda.max_memory_reserved(),
+        }
     report["peak_rss"] = max(report["load_peak_rss"], report["train_peak_rss"])
     Path(f"{args.out}.rank{info.rank}.json").write_text(json.dumps(report, indent=1))
     import torch.distributed as dist

@@ -204,6 +204,9 @@ def install_collective_checks() -> None:
                 key = str(STATE["step"]) if STATE["step"] is not None else "outside"
                 got = RECORD["allgather_bytes"]
                 got[key] = got.get(key, 0) + _received(_op, args, kwargs)
+                if os.environ.get("PROBE_GATHER_SIZES") == key:  # every call of one step
+                    sizes = RECORD.setdefault("gather_sizes", [])
+                    sizes.append(_received(_op, args, kwargs))
             return _orig(self, *args, **kwargs)
 
         setattr(TorchBackend, op, method)

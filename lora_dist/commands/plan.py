@@ -188,10 +188,12 @@ def format_comm(plan: MemoryPlan, comm: CommPlan) -> str:
         f" {lay.micro_batches} micro-batch(es) of {lay.micro_batch} x {lay.seq_len} tokens per"
         f" DP rank (global batch {lay.global_batch})",
         f"  base all-gather per micro-batch: forward {comm.forward_elements:,} + backward "
-        f"{comm.backward_elements:,} elements of this rank's TP slice",
+        f"{comm.backward_elements:,} elements of this rank's TP slice"
+        + (" (DP 1: held whole, nothing moves)" if lay.dp == 1 else ""),
         f"  received per GPU per step: all-gather {gb(comm.gather_inside_bytes)} inside the node"
-        f" + {gb(comm.gather_across_bytes)} across nodes; TP all-reduce {gb(comm.tp_bytes)};"
-        f" LoRA gradients and factors {gb(comm.lora_bytes)}",
+        f" + {gb(comm.gather_across_bytes)} across nodes, then {gb(comm.persistent_gather_bytes)}"
+        f" of LoRA factors and small tensors after the step; LoRA gradients"
+        f" {gb(comm.lora_reduce_bytes)}; TP all-reduce {gb(comm.tp_bytes)}",
         f"  time floor per step: communication {comm.comm_seconds:,.2f} s (NVLink "
         f"{links.nvlink_gbs:g} GB/s, InfiniBand {links.ib_gbs:g} GB/s per GPU) vs compute "
         f"{comm.compute_seconds:,.2f} s ({links.gpu_tflops:g} TFLOP/s): bound by {comm.bound}",

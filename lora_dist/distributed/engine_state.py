@@ -159,6 +159,12 @@ def loss_scaler_state(engine) -> dict[str, float] | None:
     return {k: float(getattr(scaler, k)) for k in LOSS_SCALER_FIELDS}
 
 
+def dynamic_loss_scale(engine) -> float | None:
+    """The fp16 dynamic loss scale now (a host value, no device sync); None when static."""
+    state = loss_scaler_state(engine)
+    return state["cur_scale"] if state else None
+
+
 def restore_loss_scaler_state(engine, state: dict[str, float] | None) -> bool:
     """Put `loss_scaler_state()`'s values back; False when there is nothing to restore into
     (a checkpoint from a bf16 run resumed under fp16 keeps the JSON's initial scale)."""

@@ -6,11 +6,16 @@ its backward (a frozen base still needs W for the input gradient). What is not g
 
 - tensors at or under the persistence threshold (the trainer raises it to the largest LoRA
   factor: norms, biases and the LoRA factors stay whole on every rank);
-- in backward, the modules before the first adapted projection (the input embedding and the
-  first layer's inputs to that projection): no gradient flows through them;
+- in backward, the first layer's projections up to the first adapted one (q, k, v for LoRA on
+  q, v): no gradient flows into their inputs, and LoRA's gradients need no base weight. (The
+  input embedding is gathered in backward all the same: counted on 2 CPU ranks under DeepSpeed
+  0.19.8, see tests/planning/test_comm_count.py.)
 - in backward, the last modules of the forward pass that ZeRO-3 keeps because they are used
   again within `stage3_max_reuse_distance` elements of traversal (about twice the elements
   after them in forward order: the rest of the forward, then the backward back to them).
+
+After each optimizer step ZeRO-3 re-gathers its persistent parameters: the LoRA factors it
+updated and the small base tensors.
 
 A rank receives (DP-1)/DP of every gathered tensor: (k-1)/DP from the k DP peers on its node
 and the rest across nodes. With TP innermost (global rank = dp_rank * TP + tp_rank), a node of
@@ -28,7 +33,7 @@ peers when TP > 1, so it applies with TP = 1 only.
 TP adds activation all-reduces inside the node: per layer two in forward, two in backward and two
 more when checkpointing recomputes the forward, each of micro x seq x hidden values, moving
 2(TP-1)/TP of them per GPU; and the LM head's output gather. LoRA adds, per step, the
-reduce-scatter of its gradients and the re-gather of the updated factors over DP.
+reduce-scatter of its gradients over DP.
 
 Compute: a frozen base needs no weight gradients, so each token costs 2N FLOPs forward, 2N for
 the input gradients and 2N more when checkpointing recomputes the forward (N: matmul
@@ -120,14 +125,23 @@ class CommPlan:
     """... and from other nodes."""
     tp_bytes: float
     """TP all-reduce and gather bytes per GPU per step (inside the node)."""
-    lora_bytes: float
-    """LoRA gradient reduce-scatter and factor re-gather bytes per GPU per step."""
+    lora_reduce_bytes: float
+    """LoRA gradient reduce-scatter bytes per GPU per step."""
+    persistent_gather_bytes: float
+    """Bytes per GPU per step of the persistent parameters (LoRA factors, small base tensors)
+    that ZeRO-3 re-gathers after the optimizer step."""
     gather_seconds_per_micro: float
     tp_seconds_per_sequence: float
     compute_seconds_per_sequence: float
     comm_seconds: float
     compute_seconds: float
     notes: list[str] = field(default_factory=list)
+
+    @property
+    def allgather_bytes(self) -> float:
+        """Everything this GPU receives through all-gathers in one step: the base, then the
+        updated LoRA factors."""
+        return self.gather_inside_bytes + self.gather_across_bytes + self.persistent_gather_bytes
 
     @property
     def bound(self) -> str:
@@ -184,9 +198,7 @@ def largest_lora_factor(shape: ModelShape, r: int, targets: tuple[str, ...]) -> 
 
 def _no_backward(role: str, layer: int, targets: tuple[str, ...]) -> bool:
     """Whether the backward pass skips this tensor's module: nothing before it is trainable."""
-    if layer < 0:
-        return True  # the input embedding: frozen, and the first module
-    if layer > 0:
+    if layer != 0:
         return False
     first = next(g for g, group in enumerate(GROUPS) if set(group) & set(targets))
     base = role.split(".")[0]
@@ -194,12 +206,23 @@ def _no_backward(role: str, layer: int, targets: tuple[str, ...]) -> bool:
     return mine is not None and mine <= first
 
 
+def persistence_threshold(shape: ModelShape, layout: Layout) -> int:
+    """Tensors of at most this many elements stay whole: the JSON's, raised to the largest
+    LoRA factor as the trainer raises it."""
+    return max(
+        layout.persistence_threshold, largest_lora_factor(shape, layout.lora_r, layout.targets)
+    )
+
+
+def persistent_elements(shape: ModelShape, layout: Layout) -> int:
+    """Base elements one rank keeps whole (norms, biases): re-gathered after every step."""
+    threshold = persistence_threshold(shape, layout)
+    return sum(n for _, _, n in model_trace(shape, layout.tp) if n <= threshold)
+
+
 def gathered_per_micro(shape: ModelShape, layout: Layout) -> tuple[int, int]:
     """(forward, backward) base elements one rank gathers per micro-batch under ZeRO-3."""
-    threshold = max(
-        layout.persistence_threshold,
-        largest_lora_factor(shape, layout.lora_r, layout.targets),
-    )
+    threshold = persistence_threshold(shape, layout)
     trace = model_trace(shape, layout.tp)
     gathered = [n > threshold for _, _, n in trace]
     forward = sum(n for (_, _, n), g in zip(trace, gathered, strict=True) if g)
@@ -250,14 +273,16 @@ def plan_comm(shape: ModelShape, layout: Layout, links: Links) -> CommPlan:
         tp_seq += s * shape.vocab * wb * (t - 1) / t  # the LM head gathers its output
     tp_bus = links.nvlink_gbs if t <= layout.gpus_per_node else links.ib_gbs
     n_lora = lora_param_count(shape, layout.lora_r, layout.targets)
-    lora = 2 * n_lora * wb * (dp - 1) / dp if dp > 1 else 0.0
+    share = (dp - 1) / dp if layout.zero_stage == 3 else 0.0
+    lora_reduce = n_lora * wb * (dp - 1) / dp
+    persistent = (n_lora + persistent_elements(shape, layout)) * wb * share
     lora_bus = links.ib_gbs if dp > k else links.nvlink_gbs
     passes = 3 if layout.checkpointing else 2  # forward, input gradients, recomputed forward
     attention = 4 * s * shape.hidden * shape.layers / t
     flops_seq = s * passes * (2 * matmul_params(shape, t) + attention)
     compute_seq = flops_seq / (links.gpu_tflops * 1e12)
     tp_seq_s = tp_seq / (tp_bus * GB)
-    comm = m * (gather_s + b * tp_seq_s) + lora / (lora_bus * GB)
+    comm = m * (gather_s + b * tp_seq_s) + (lora_reduce + persistent) / (lora_bus * GB)
     compute = m * b * compute_seq
     if layout.zero_stage != 3:
         notes.append(f"ZeRO-{layout.zero_stage}: the base is not partitioned, nothing to gather")
@@ -269,7 +294,8 @@ def plan_comm(shape: ModelShape, layout: Layout, links: Links) -> CommPlan:
         gather_inside_bytes=inside,
         gather_across_bytes=across,
         tp_bytes=m * b * tp_seq,
-        lora_bytes=lora,
+        lora_reduce_bytes=lora_reduce,
+        persistent_gather_bytes=persistent,
         gather_seconds_per_micro=gather_s,
         tp_seconds_per_sequence=tp_seq_s,
         compute_seconds_per_sequence=compute_seq,

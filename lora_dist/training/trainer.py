@@ -21,7 +21,7 @@ from transformers import AutoTokenizer
 
 from lora_dist.adapter import AdapterSpec
 from lora_dist.data.freeform import perplexity
-from lora_dist.distributed.collective import all_reduce_sum_
+from lora_dist.distributed.collective import all_reduce_sum_, barrier
 from lora_dist.distributed.ds_config import (
     AUTO_SIZED,
     batch_layout,
@@ -31,7 +31,7 @@ from lora_dist.distributed.ds_config import (
     prepare_for_run,
     zero3_budgets,
 )
-from lora_dist.distributed.engine_state import seed_everything
+from lora_dist.distributed.engine_state import dynamic_loss_scale, seed_everything
 from lora_dist.distributed.host_memory import pin_mmap_threshold
 from lora_dist.distributed.launch import init_distributed
 from lora_dist.distributed.loading import load_base_model
@@ -350,7 +350,10 @@ class Trainer:
                 },
             )
             mon.progress(self.step, last["loss"], tps, dt)
-            self._append_log({"step": self.step, "lr": lr, **last})
+            scale = dynamic_loss_scale(self.engine)  # fp16 only
+            self._append_log(
+                {"step": self.step, "lr": lr, **last} | ({"loss_scale": scale} if scale else {})
+            )
             final = self.step == self.total_steps
             if final:  # the result is on disk before any evaluation can fail or be cut off
                 self.training_peak = peak_memory()
@@ -406,6 +409,7 @@ class Trainer:
             self.monitor.log(assert_tp_replicas_identical(self.engine.module))
         if self.is_main:
             self.adapter.save(self.out / "adapter", state)
+        barrier()  # no rank starts evaluating before the result is on disk
 
     def finish(
         self, first_dev: float, dev: float, last: dict[str, float], tps: float, elapsed: float
