@@ -6,8 +6,9 @@ data-parallel group, so each slice is partitioned over DP as soon as its layer i
 pass run bare (as before) keeps every slice whole until deepspeed.initialize, i.e. 1/TP of the
 base on every rank. Both run here side by side, each in its own 4-rank job (TP 2 x DP 2, CPU,
 bf16), on a LLaMA-shaped model built from a config and loaded under ZeRO-3 as the trainer does.
-Per rank: the rise of the peak RSS (VmHWM, reset after loading) during the pass, and the bytes
-of base parameters the rank holds afterwards.
+Per rank: the rise of the peak RSS (VmHWM, reset after loading and after the DP x TP process
+groups exist) during the pass, the RSS it leaves behind, and the bytes of base parameters the
+rank holds afterwards.
 
     PYTHONPATH=. python benchmarks/bench_tp_setup.py              # ~3 min here; under the lock
 """
@@ -52,6 +53,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = prepare_for_run(CONFIG, batch_layout(CONFIG, info.world_size), Path("."), None, None)
     model = load_base_model(Path(args.model_dir), zero_init_config(cfg), 3)
     base_bytes = sum(int(getattr(p, "ds_numel", p.numel())) * 2 for p in model.parameters())
+    tp_groups(2)  # the DP x TP process groups first: their buffers are not the pass's memory
     torch.distributed.barrier()
     before = rss_now()
     reset_rss_peak()
@@ -65,7 +67,6 @@ def worker(args: argparse.Namespace) -> None:
         from deepspeed.runtime.engine import DeepSpeedEngine
         from deepspeed.runtime.tensor_parallel import get_tensor_parallel_config
 
-        tp_groups(2)
         tp_config = get_tensor_parallel_config(cfg)
         configure_tensor_parallel_runtime(tp_config)
         view = types.SimpleNamespace(
@@ -85,7 +86,7 @@ def worker(args: argparse.Namespace) -> None:
         "rank": info.rank,
         "base_bytes": base_bytes,
         "setup_peak_rise": peak - before,
-        "rss_after": rss_now(),
+        "rss_rise_after": rss_now() - before,
         "held_param_bytes": held,
         "seconds": seconds,
     }
@@ -127,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         base = rows[0]["base_bytes"]
         res[variant] = {
             "setup_peak_rise_mb": [round(r["setup_peak_rise"] / 1e6, 1) for r in rows],
+            "rss_rise_after_mb": [round(r["rss_rise_after"] / 1e6, 1) for r in rows],
             "held_param_mb": [round(r["held_param_bytes"] / 1e6, 1) for r in rows],
             "seconds": [round(r["seconds"], 2) for r in rows],
         }
