@@ -8,12 +8,12 @@ tokens and the steps per epoch of both modes, then runs both for a few steps on 
 tokens per second.
 
 The timed loop is a faithful copy of the trainer's step, not the trainer itself (which cannot
-read users' data yet): the same DeepSpeed ZeRO-3 engine settings (ds_configs/zero3.json, fp32),
-a LLaMA built from a config under zero.Init, LoRA r=8 on q,v injected with
-lora_dist.inject.inject_lora, DataOrder.rank_micro_batches, and the batches the trainer will
-draw from (lora_dist.data.batches.ExampleBatches / PackedBatches with SDPA's block-diagonal
-mask), then engine(**inputs), engine.backward, engine.step per micro-batch. One engine runs
-both modes, one after the other, so both see the same model and process.
+read users' data yet): the same DeepSpeed ZeRO-3 engine settings (tests/configs/zero3_fp32.json,
+ds_configs/zero3.json in fp32), a LLaMA built from a config under zero.Init, LoRA r=8 on q,v
+injected with lora_dist.inject.inject_lora, DataOrder.rank_micro_batches, and the batches the
+trainer will draw from (lora_dist.data.batches.ExampleBatches / PackedBatches with SDPA's
+block-diagonal mask), then engine(**inputs), engine.backward, engine.step per micro-batch. One
+engine runs both modes, one after the other, so both see the same model and process.
 
     flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_packing.py
     PYTHONPATH=. python benchmarks/bench_packing.py --quick      # small model, 2 steps
@@ -101,7 +101,7 @@ def run_worker(args: argparse.Namespace) -> None:
 
     info = init_distributed()
     shape = SHAPES[args.shape]
-    raw = load_ds_config(str(REPO / "ds_configs" / "zero3.json"))
+    raw = load_ds_config(str(REPO / "tests" / "configs" / "zero3_fp32.json"))
     raw.pop("train_batch_size", None)
     raw["train_micro_batch_size_per_gpu"], raw["gradient_accumulation_steps"] = 1, 1
     raw.pop("tensorboard", None)
