@@ -59,7 +59,7 @@ from lora_dist.planning.shapes import (
 
 GB = 1e9
 # Where a projection sits in a layer's dataflow: a group's inputs are the previous group's output.
-GROUPS = (("qkv", "q", "k", "v"), ("o",), ("gate", "up", "fc_in"), ("down", "fc_out"))
+GROUPS = (("qkv", "q", "k", "v"), ("o",), ("gate_up", "gate", "up", "fc_in"), ("down", "fc_out"))
 
 
 @dataclass
@@ -193,7 +193,7 @@ def model_trace(shape: ModelShape, tp: int) -> list[tuple[str, int, int]]:
 
 def largest_lora_factor(shape: ModelShape, r: int, targets: tuple[str, ...]) -> int:
     """Elements of the largest A (r x in) or B (out x r): the trainer's persistence threshold."""
-    return max((r * max(shape.projections[k]) for k in targets), default=0)
+    return max((r * max(shape.lora_dims(k)) for k in targets), default=0)
 
 
 def _no_backward(role: str, layer: int, targets: tuple[str, ...]) -> bool:

@@ -12,7 +12,8 @@ from lora_dist.lora import LoraConfig
 from lora_dist.models.tiny import tiny_model_config
 from lora_dist.planning.comm import Layout, Links, gathered_per_micro, layer_numel, plan_comm
 from lora_dist.planning.memory import auto_sizes
-from lora_dist.planning.shapes import load_shape, lora_param_count, shape_from_hf_config
+from lora_dist.planning.presets import load_shape
+from lora_dist.planning.shapes import lora_param_count, shape_from_hf_config
 
 H, FFN, L, V, S = 4096, 11008, 32, 32000, 2048  # LLaMA-2-7B
 LAYER = 4 * H * H + 3 * H * FFN  # q, k, v, o, gate, up, down
