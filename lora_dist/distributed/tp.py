@@ -38,6 +38,7 @@ all-reduce (out·r or r·in): tiny next to the base's b·s·hidden all-reduces.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import types
@@ -73,7 +74,7 @@ from lora_dist.distributed.tp_fused import (
     shard_gpt2,
     tp_slice_factory,
 )
-from lora_dist.distributed.zero import gathered
+from lora_dist.distributed.zero import gathered, zero_stage
 from lora_dist.inject import LINEAR_TYPES, InjectionReport, inject_lora
 from lora_dist.lora import LoraConfig, LoraLinear, lora_layers
 
@@ -144,9 +145,12 @@ def shard_base_for_tp(model: nn.Module, ds_config: dict[str, Any]) -> Any:
     return groups
 
 
-def partitioned_over_dp(ds_config: dict[str, Any], mpu: Any) -> deepspeed.zero.Init:
+def partitioned_over_dp(ds_config: dict[str, Any], mpu: Any) -> contextlib.AbstractContextManager:
     """A zero.Init context: every module built inside has its parameters ZeRO-3 partitioned
-    over the data-parallel group when its constructor returns (AutoTP's sliced linears)."""
+    over the data-parallel group when its constructor returns (AutoTP's sliced linears). Below
+    ZeRO-3 nothing is partitioned, so it does nothing."""
+    if zero_stage(ds_config) < 3:
+        return contextlib.nullcontext()
     return deepspeed.zero.Init(
         config_dict_or_path=zero_init_config(ds_config),
         data_parallel_group=mpu.get_data_parallel_group(),
