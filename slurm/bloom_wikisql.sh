@@ -2,8 +2,8 @@
 # LoRA on BLOOM-176B for WikiSQL with the paper's recipe: only the q and v slices of BLOOM's fused
 # query_key_value are adapted (k untouched), AdamW lr 2e-4, weight decay 0.1, 2 epochs.
 #
-#   sbatch slurm/bloom_wikisql.sh /models/bloom                   # 2 nodes x 8 GPUs, TP 1
-#   DATA_DIR=/data/wikisql LORA_R=8 sbatch --nodes=4 slurm/bloom_wikisql.sh /models/bloom
+#   sbatch slurm/bloom_wikisql.sh /models/bloom                   # 1 node x 8 GPUs, TP 1
+#   DS_CONFIG=ds_configs/zero3_hpz8.json sbatch --nodes=4 slurm/bloom_wikisql.sh /models/bloom
 #
 # Overrides as in gpt3_wikisql.sh: #SBATCH lines on the sbatch command line; MODEL_DIR (or $1),
 # DATA_DIR, DS_CONFIG, OUTPUT_DIR, LORA_R, LORA_ALPHA, LORA_TARGETS, LR, EPOCHS, MAX_STEPS, SEED,
@@ -12,20 +12,27 @@
 # Why TP 1: BLOOM uses ALiBi, whose per-head slopes DeepSpeed 0.19.8's AutoTP does not shard with
 # the heads, so the trainer refuses BLOOM under TP. ZeRO-3 alone splits the base over every GPU.
 #
-# Node count, from `lora-dist plan --model bloom-176b --nodes N --gpus_per_node 8 --tp 1 --zero 3
-#   --lora_r 4 --lora_targets q,v --micro_batch 1 --max_length 2048 --dtype bf16 --gpu_gib 80`:
+# Memory, from `lora-dist plan --model bloom-176b --nodes N --gpus_per_node 8 --tp 1 --zero 3
+#   --lora_r 4 --lora_targets q,v --micro_batch 1 --max_length 2048 --dtype bf16 --gpu_gib 80
+#   --ds_config ds_configs/zero3_large.json`:
 #   bf16 weights: 176.2e9 params x 2 B = 328 GiB; ZeRO-3 splits them over all N*8 GPUs: 41.1 GiB
 #     per GPU on 1 node, 20.5 on 2, 10.3 on 4.
 #   LoRA r=4 on the q,v slices: 70 layers x 2 x (14336*4 + 4*14336) = 16,056,320 params; the
 #     adapter file is 64.2 MB in bf16.
 #   Activations, checkpointing on, micro-batch 1 x 2048 tokens: 11.7 GiB per GPU (no TP to split
-#     them), plus 7.6 GiB of ZeRO-3 gather buffers.
-#   Plan's total per GPU: 62.5 GiB on 1 node, 42.0 on 2, 31.7 on 4 (full fine-tuning: 360, 196,
-#     114 GiB). 1 node fits 80 GiB GPUs with 17 GiB to spare; 2 nodes is the default for headroom
-#     on long WikiSQL rows and a faster epoch; 40 GiB GPUs need 4 nodes.
+#     them), plus ZeRO-3's gather buffers sized from the model.
+#   Plan's total per GPU: 66.2 GiB on 1 node, 45.6 on 2, 35.4 on 4 (full fine-tuning: 365, 201,
+#     118 GiB).
+# Communication, from the same plan: with TP 1 every ZeRO-3 gather of the base spans the whole
+#   data-parallel group. On 1 node it stays on NVLink: floor 22.1 s of gathers against 35.9 s of
+#   compute per step of 128, compute bound. On 2 or 4 nodes the gathers cross InfiniBand every
+#   micro-batch (106.6 s and 55.1 s against 17.9 s and 9.0 s of compute): slower than one node.
+#   So the default is 1 node. To scale out use ZeRO++ hpZ, which keeps a second copy of the base
+#   partitioned inside each node: DS_CONFIG=ds_configs/zero3_hpz8.json sbatch --nodes=4 (76.4
+#   GiB per GPU, 5.5 s of NVLink gathers against 9.0 s of compute; it does not fit on 2 nodes).
 #
 #SBATCH --job-name=lora-bloom-wikisql
-#SBATCH --nodes=2
+#SBATCH --nodes=1
 #SBATCH --ntasks-per-node=8
 #SBATCH --gres=gpu:8
 #SBATCH --time=2-00:00:00
@@ -51,7 +58,7 @@ source slurm/launch_common.sh
 MODEL_DIR="${1:-${MODEL_DIR:-}}"
 [[ -n "$MODEL_DIR" ]] || lc_die "give the BLOOM-176B checkpoint: sbatch slurm/bloom_wikisql.sh DIR"
 DATA_DIR="${DATA_DIR:-}"  # empty: the WikiSQL sample shipped with the task
-DS_CONFIG="${DS_CONFIG:-ds_configs/zero3.json}"
+DS_CONFIG="${DS_CONFIG:-ds_configs/zero3_large.json}"  # TP 1, batch 128 at micro-batch 1
 LORA_R="${LORA_R:-4}"
 lc_require_int LORA_R "$LORA_R" 1 64
 LORA_ALPHA="${LORA_ALPHA:-$LORA_R}"

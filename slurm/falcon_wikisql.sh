@@ -13,16 +13,21 @@
 # TP is at most 8: AutoTP shards Falcon-180B's fused map by KV head, and it has 8 KV heads
 # (each with its 29 query heads). Falcon-40B/7B's older multi-query layout is refused under TP.
 #
-# Node count, from `lora-dist plan --model falcon-180b --nodes N --gpus_per_node 8 --tp 8 --zero 3
-#   --lora_r 4 --lora_targets q,v --micro_batch 1 --max_length 2048 --dtype bf16 --gpu_gib 80`:
+# Memory, from `lora-dist plan --model falcon-180b --nodes N --gpus_per_node 8 --tp 8 --zero 3
+#   --lora_r 4 --lora_targets q,v --micro_batch 8 --max_length 2048 --dtype bf16 --gpu_gib 80
+#   --ds_config ds_configs/zero3_tp8.json`:
 #   bf16 weights: 178.6e9 params x 2 B = 333 GiB; ZeRO-3 splits them over all N*8 GPUs: 41.6 GiB
 #     per GPU on 1 node, 20.8 on 2, 10.4 on 4.
 #   LoRA r=4 on the q,v slices (q 14848 wide, v one KV head of 64 per group x 8 = 512 wide):
 #     80 layers x ((14848*4 + 4*14848) + (14848*4 + 4*512)) = 14,417,920 params; 39.3 MB adapter.
-#   Activations, checkpointing on, micro-batch 1 x 2048 tokens: 5.6 GiB per GPU (TP 8 splits
-#     them).
-#   Plan's total per GPU: 50.7 GiB on 1 node, 29.8 on 2, 19.4 on 4 (full fine-tuning: 345, 179,
-#     96 GiB). 2 nodes is the default: 80 GiB GPUs with 50 GiB of headroom; 40 GiB GPUs need 2.
+#   Activations, checkpointing on, micro-batch 8 x 2048 tokens, split by TP 8.
+#   Plan's total per GPU: 89.5 GiB on 1 node, 68.6 on 2, 58.1 on 4 (full fine-tuning: 385, 219,
+#     136 GiB). 1 node does not fit 80 GiB GPUs at micro-batch 8 (use micro-batch 4 there, as
+#     gpt3_wikisql.sh explains); 2 nodes is the default.
+# Communication, from the same plan: TP 8 fills a node, so the ZeRO-3 gathers cross InfiniBand
+#   every micro-batch; at micro-batch 8 they take 14.4 s against 18.2 s of compute per step of
+#   128 on 2 nodes and 9.0 s against 9.1 s on 4: compute bound (see gpt3_wikisql.sh for why a
+#   micro-batch of 1 would be gather bound).
 #
 #SBATCH --job-name=lora-falcon-wikisql
 #SBATCH --nodes=2
