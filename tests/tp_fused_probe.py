@@ -87,6 +87,9 @@ def main(out_path: str, kinds: list[str]) -> None:
         with open(out_path, "w") as fh:
             json.dump(results, fh, indent=2)
     dist.barrier()
+    # A clean teardown: without it gloo's threads can abort the process at exit ("terminate
+    # called without an active exception"), failing a run whose results are all written.
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

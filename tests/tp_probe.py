@@ -109,6 +109,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as fh:
             json.dump(results, fh, indent=2)
     dist.barrier()
+    torch.distributed.destroy_process_group()  # a clean teardown (see tp_fused_probe.py)
 
 
 if __name__ == "__main__":

@@ -89,6 +89,8 @@ def main(out: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         results = {kind: probe(kind, Path(tmp)) for kind in FUSED_KINDS}
     Path(out).write_text(json.dumps(results, indent=2))
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean teardown (see tp_fused_probe.py)
 
 
 if __name__ == "__main__":
