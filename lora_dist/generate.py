@@ -13,6 +13,7 @@ run the same number of forward passes. Two things make that hold:
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable
 from typing import Any
@@ -64,6 +65,20 @@ def _pad_id(tokenizer: Any, eos_ids: set[int]) -> int:
     return min(eos_ids) if eos_ids else 0
 
 
+def cache_argument(model: Any) -> str:
+    """The forward argument that takes the KV cache: 'cache' from transformers 5.2x on, where
+    'past_key_values' is deprecated (removal announced for 5.40)."""
+    module = getattr(model, "module", model)  # a DeepSpeed engine wraps the model
+    params = inspect.signature(module.forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def output_cache(out: Any) -> Any:
+    """The KV cache a forward pass returned, under either name."""
+    cache = out.get("cache") if hasattr(out, "get") else None
+    return cache if cache is not None else out.past_key_values
+
+
 def _left_pad(seqs: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -96,16 +111,17 @@ def _generate_batch(
     eos = torch.tensor(sorted(eos_ids), dtype=torch.long, device=device)
     out_tokens: list[torch.Tensor] = []
     cache = None
+    cache_arg = cache_argument(model)
     step_ids, step_pos = ids, positions
     for _ in range(max_new_tokens):
         out = model(
             input_ids=step_ids,
             attention_mask=mask,
             position_ids=step_pos,
-            past_key_values=cache,
             use_cache=True,
+            **{cache_arg: cache},
         )
-        cache = out.past_key_values
+        cache = output_cache(out)
         next_tok = out.logits[:, -1, :].argmax(dim=-1)
         next_tok = torch.where(done, torch.full_like(next_tok, pad_id), next_tok)
         out_tokens.append(torch.where(done, torch.full_like(next_tok, -1), next_tok))

@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from lora_dist.generate import cache_argument, output_cache
 from lora_dist.multi_lora import BASE_SLOT, MultiLoraModel
 from lora_dist.serving.errors import RequestError
-from lora_dist.serving.kv import Batch, cache_argument, left_padded, output_cache
+from lora_dist.serving.kv import Batch, left_padded
 from lora_dist.serving.sampling import SamplingParams, pick_tokens
 from lora_dist.serving.text import TextStream, eos_token_ids
 

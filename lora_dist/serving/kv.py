@@ -9,9 +9,7 @@ Positions come from each row's own token count, so padding never shifts rotary p
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,18 +18,6 @@ from transformers.cache_utils import DynamicCache
 
 def _layers(cache: DynamicCache) -> list:
     return list(cache.layers)
-
-
-def cache_argument(model: Any) -> str:
-    """The forward argument that takes the KV cache ('cache' from transformers 5.2x on)."""
-    params = inspect.signature(model.forward).parameters
-    return "cache" if "cache" in params else "past_key_values"
-
-
-def output_cache(out: Any) -> DynamicCache:
-    """The KV cache a forward pass returned."""
-    cache = out.get("cache") if hasattr(out, "get") else None
-    return cache if cache is not None else out.past_key_values
 
 
 @dataclass
