@@ -2,21 +2,23 @@
 
 Every configuration is one run of the real trainer (`deepspeed --num_gpus 2 launcher/train.py`,
 bf16, ZeRO-3, the same global batch, epochs and data order), scored by the trainer's own
-end-of-run evaluation (greedy SQL generation executed in SQLite). Stages, in order:
+end-of-run evaluation (greedy SQL generation executed in SQLite). The untrained model (lora-dist
+eval on the bare base) is the floor; then the stages given by --stages, in that order:
 
-  floor      the untrained model (lora-dist eval on the bare base)
-  lr         the same 3-point learning-rate sweep and budget for LoRA q,v r=8 and for full
-             fine-tuning (seed 0); the best dev execution accuracy picks each method's lr
-  headline   full fine-tuning vs LoRA q,v r=8 at their tuned lr, 3 seeds each (Table 4)
+  lr         the same 3-point learning-rate sweep (default, x2, x4) for LoRA q,v r=8 and for
+             full fine-tuning (seed 0); the best dev execution accuracy picks each method's lr
+             for the stages after it
+  headline   full fine-tuning vs LoRA q,v r=8, 3 seeds each (Table 4)
   rank       LoRA on q,v with r = 1, 2, 4, 8, 64 (Table 6)
   targets    LoRA on {q}, {v}, {q,v}, {q,k,v,o} and every linear layer at about the q,v r=8
              parameter budget (Table 5)
 
-Sweeps score the first `--sweep_prompts` dev prompts, the headline all of them. Results go to
-benchmarks/results/<name>.json and <name>.png, and a Markdown table is printed.
+Every run scores all 120 dev prompts (--prompts N: the first N). A run is named by its settings
+and cached in --work_dir, so a configuration shared by two stages trains once. Results go to
+benchmarks/results/<name>.json, .md and .png after every stage.
 
     flock /tmp/multirank.lock env PYTHONPATH=. python benchmarks/bench_paper_claims.py
-    PYTHONPATH=. python benchmarks/bench_paper_claims.py --stages headline,rank \
+    PYTHONPATH=. python benchmarks/bench_paper_claims.py --stages headline,lr,rank \
         --lock /tmp/multirank.lock  # each run takes the lock: other work can go between runs
     PYTHONPATH=. python benchmarks/bench_paper_claims.py --quick   # tiny model, 2 steps, 2 configs
 """
@@ -35,8 +37,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "benchmarks" / "ds_paper_claims.json"
-LORA_LRS = (5e-4, 1e-3, 2e-3)
-FULL_LRS = (2e-5, 5e-5, 1e-4)
+LORA_LRS = (1e-3, 2e-3, 4e-3)  # the same sweep for both: the default lr, x2 and x4
+FULL_LRS = (5e-5, 1e-4, 2e-4)
 SEEDS = (0, 1, 2)
 RANKS = (1, 2, 4, 8, 64)
 # (label, --lora_targets, r): about the parameter budget of q,v at r=8 on SmolLM2
@@ -179,7 +181,7 @@ def main() -> int:
     p.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
     p.add_argument("--work_dir", type=Path, default=REPO / "runs" / "paper_claims")
     p.add_argument("--epochs", type=float, default=1.0)
-    p.add_argument("--sweep_prompts", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=None, help="dev prompts scored (default: all)")
     p.add_argument("--quick", action="store_true", help="tiny model, 2 steps: a smoke test")
     p.add_argument(
         "--stages",
@@ -202,67 +204,78 @@ def main() -> int:
     common += ["--model", model] if model else []
     if a.quick:
         common += ["--max_steps", "2"]
-    sweep_n = 4 if a.quick else a.sweep_prompts
-    head_n = 4 if a.quick else None
+    n = 4 if a.quick else a.prompts
 
-    def lora(r: int, targets: str, lr: float, seed: int, n: int | None, tag: str) -> dict:
+    def lora(r: int, targets: str, lr: float, seed: int) -> dict:
+        # Runs are named by their settings, so one configuration is trained once and shared by
+        # every stage that needs it (the headline's seed 0 is also a point of each sweep).
+        tag = f"lora-{targets}-r{r}-lr{lr:g}-s{seed}"
         extra = ["--lora_r", str(r), "--lora_alpha", str(2 * r), "--lora_targets", targets]
         return train(a.work_dir, tag, common, [*extra, "--lr", str(lr), "--seed", str(seed)], n)
 
-    def full(lr: float, seed: int, n: int | None, tag: str) -> dict:
+    def full(lr: float, seed: int) -> dict:
         extra = ["--full_finetune", "--lr", str(lr), "--seed", str(seed)]
-        return train(a.work_dir, tag, common, extra, n)
+        return train(a.work_dir, f"full-lr{lr:g}-s{seed}", common, extra, n)
 
-    result: dict[str, Any] = {"floor": floor(a.work_dir, model, head_n)}
-    result["settings"] = {"epochs": a.epochs, "sweep_prompts": sweep_n, "ds_config": str(DS_CONFIG)}
+    def best(runs: list[dict]) -> dict:
+        return max(runs, key=lambda r: (r["execution_accuracy"], -r["dev_loss"]))
+
+    result: dict[str, Any] = {"floor": floor(a.work_dir, model, n)}
+    result["settings"] = {"epochs": a.epochs, "prompts": n, "ds_config": str(DS_CONFIG)}
     lr_of = {"lora": a.lora_lr, "full": a.full_lr}
     rows: list[tuple[str, dict]] = []
-    stages = a.stages.split(",")
-    if "lr" in stages:
-        lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
-        sweep = {
-            "lora": [lora(8, "attn", lr, 0, sweep_n, f"lr-lora-{lr:g}") for lr in lrs_l],
-            "full": [full(lr, 0, sweep_n, f"lr-full-{lr:g}") for lr in lrs_f],
-        }
-        best = {
-            k: max(v, key=lambda r: (r["execution_accuracy"], -r["dev_loss"]))
-            for k, v in sweep.items()
-        }
-        lr_of = {k: float(best[k]["tag"].rsplit("-", 1)[1]) for k in best}
-        result["lr_sweep"] = {"runs": sweep, "chosen": lr_of}
-    result["settings"]["lr"] = lr_of
-    for stage in stages:
-        if stage == "headline":
+    for stage in a.stages.split(","):
+        if stage == "lr":  # seed 0; the chosen lr applies to the stages after this one
+            lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
+            sweep = {
+                "lora": {f"{lr:g}": lora(8, "attn", lr, 0) for lr in lrs_l},
+                "full": {f"{lr:g}": full(lr, 0) for lr in lrs_f},
+            }
+            chosen = {k: best(list(v.values())) for k, v in sweep.items()}
+            lr_of = {
+                k: float(next(lr for lr, r in sweep[k].items() if r is chosen[k])) for k in sweep
+            }
+            result["lr_sweep"] = {
+                "runs": sweep,
+                "chosen": lr_of,
+                "ratios_at_chosen_lr_seed0": ratios(
+                    summarize([chosen["full"]]), summarize([chosen["lora"]])
+                ),
+            }
+            for method, label in (("full", "full FT"), ("lora", "LoRA q,v r=8")):
+                rows += [
+                    (f"{label}, lr {lr}, seed 0", summarize([r])) for lr, r in sweep[method].items()
+                ]
+        elif stage == "headline":
             seeds = SEEDS[:1] if a.quick else SEEDS
-            head_full = [full(lr_of["full"], s, head_n, f"head-full-s{s}") for s in seeds]
-            head_lora = [
-                lora(8, "attn", lr_of["lora"], s, head_n, f"head-lora-s{s}") for s in seeds
-            ]
+            head_full = [full(lr_of["full"], s) for s in seeds]
+            head_lora = [lora(8, "attn", lr_of["lora"], s) for s in seeds]
             f, l_ = summarize(head_full), summarize(head_lora)
-            result["headline"] = {"full fine-tuning": f, "LoRA q,v r=8": l_}
-            rows[:0] = [("full fine-tuning", f), ("LoRA q,v r=8", l_)]
+            result["headline"] = {"full fine-tuning": f, "LoRA q,v r=8": l_, "lr": dict(lr_of)}
+            rows[:0] = [
+                (f"full fine-tuning (lr {lr_of['full']:g})", f),
+                (f"LoRA q,v r=8 (lr {lr_of['lora']:g})", l_),
+            ]
             result["ratios"] = ratios(f, l_)
         elif stage == "rank":
             ranks = RANKS[:1] if a.quick else RANKS
-            runs = [lora(r, "attn", lr_of["lora"], 0, sweep_n, f"rank-{r}") for r in ranks]
+            runs = [lora(r, "attn", lr_of["lora"], 0) for r in ranks]
             sweep_rows = [
-                (f"q,v r={r}", summarize([run])) for r, run in zip(ranks, runs, strict=True)
+                (f"q,v r={r} (lr {lr_of['lora']:g})", summarize([run]))
+                for r, run in zip(ranks, runs, strict=True)
             ]
             result["rank_sweep"] = dict(sweep_rows)
             rows += sweep_rows
         elif stage == "targets":
             specs = TARGETS[:1] if a.quick else TARGETS
-            runs = [
-                lora(r, spec, lr_of["lora"], 0, sweep_n, f"targets-{label}")
-                for label, spec, r in specs
-            ]
+            runs = [lora(r, spec, lr_of["lora"], 0) for _, spec, r in specs]
             sweep_rows = [
-                (f"{label} r={r}", summarize([run]))
+                (f"{label} r={r} (lr {lr_of['lora']:g})", summarize([run]))
                 for (label, _, r), run in zip(specs, runs, strict=True)
             ]
             result["target_sweep"] = dict(sweep_rows)
             rows += sweep_rows
-        elif stage != "lr":
+        else:
             raise SystemExit(f"unknown stage {stage!r}: use lr, headline, rank, targets")
         # Written after every stage: a run cut short keeps what it measured.
         (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
