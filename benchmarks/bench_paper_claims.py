@@ -73,7 +73,7 @@ def train(work: Path, tag: str, common: list[str], extra: list[str], prompts: in
         out.mkdir(parents=True, exist_ok=True)
         limit = ["--eval_limit", str(prompts)] if prompts else []
         started = time.perf_counter()
-        _deepspeed([*common, *extra, *limit, "--output_dir", str(out)], out.with_suffix(".log"))
+        _deepspeed([*common, *extra, *limit, "--output_dir", str(out)], out.parent / f"{tag}.log")
         print(f"  {tag}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     m = json.loads((out / "metrics.json").read_text())
     task = m["task_metrics"] or {}
