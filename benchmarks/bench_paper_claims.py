@@ -66,10 +66,19 @@ def _deepspeed(args: list[str], log: Path) -> None:
         raise SystemExit(f"run failed ({done.returncode}); see {log}")
 
 
-def train(work: Path, tag: str, common: list[str], extra: list[str], prompts: int | None) -> dict:
-    """One trainer run; returns the numbers the tables need (cached in work/<tag>/)."""
+CACHED_ONLY: list[bool] = [False]  # --cached_only: tables from the finished runs, train nothing
+
+
+def train(
+    work: Path, tag: str, common: list[str], extra: list[str], prompts: int | None
+) -> dict | None:
+    """One trainer run; returns the numbers the tables need (cached in work/<tag>/), or None
+    for a run not finished yet under --cached_only."""
     out = work / tag
     if not (out / "metrics.json").is_file():
+        if CACHED_ONLY[0]:
+            print(f"  {tag}: not run yet, left out", file=sys.stderr, flush=True)
+            return None
         out.mkdir(parents=True, exist_ok=True)
         limit = ["--eval_limit", str(prompts)] if prompts else []
         started = time.perf_counter()
@@ -193,9 +202,11 @@ def main() -> int:
     p.add_argument(
         "--lock", help="take this flock(1) file around each run, not the whole benchmark"
     )
+    p.add_argument("--cached_only", action="store_true", help="tables from finished runs only")
     a = p.parse_args()
     if a.lock:
         LOCK[:] = ["flock", a.lock]
+    CACHED_ONLY[0] = a.cached_only
     a.work_dir.mkdir(parents=True, exist_ok=True)
     a.results.mkdir(parents=True, exist_ok=True)
     model = "tiny" if a.quick else ""
@@ -206,14 +217,14 @@ def main() -> int:
         common += ["--max_steps", "2"]
     n = 4 if a.quick else a.prompts
 
-    def lora(r: int, targets: str, lr: float, seed: int) -> dict:
+    def lora(r: int, targets: str, lr: float, seed: int) -> dict | None:
         # Runs are named by their settings, so one configuration is trained once and shared by
         # every stage that needs it (the headline's seed 0 is also a point of each sweep).
         tag = f"lora-{targets}-r{r}-lr{lr:g}-s{seed}"
         extra = ["--lora_r", str(r), "--lora_alpha", str(2 * r), "--lora_targets", targets]
         return train(a.work_dir, tag, common, [*extra, "--lr", str(lr), "--seed", str(seed)], n)
 
-    def full(lr: float, seed: int) -> dict:
+    def full(lr: float, seed: int) -> dict | None:
         extra = ["--full_finetune", "--lr", str(lr), "--seed", str(seed)]
         return train(a.work_dir, f"full-lr{lr:g}-s{seed}", common, extra, n)
 
@@ -231,6 +242,7 @@ def main() -> int:
                 "lora": {f"{lr:g}": lora(8, "attn", lr, 0) for lr in lrs_l},
                 "full": {f"{lr:g}": full(lr, 0) for lr in lrs_f},
             }
+            sweep = {k: {lr: r for lr, r in v.items() if r is not None} for k, v in sweep.items()}
             chosen = {k: best(list(v.values())) for k, v in sweep.items()}
             lr_of = {
                 k: float(next(lr for lr, r in sweep[k].items() if r is chosen[k])) for k in sweep
@@ -263,6 +275,7 @@ def main() -> int:
             sweep_rows = [
                 (f"q,v r={r} (lr {lr_of['lora']:g})", summarize([run]))
                 for r, run in zip(ranks, runs, strict=True)
+                if run is not None
             ]
             result["rank_sweep"] = dict(sweep_rows)
             rows += sweep_rows
@@ -272,6 +285,7 @@ def main() -> int:
             sweep_rows = [
                 (f"{label} r={r} (lr {lr_of['lora']:g})", summarize([run]))
                 for (label, _, r), run in zip(specs, runs, strict=True)
+                if run is not None
             ]
             result["target_sweep"] = dict(sweep_rows)
             rows += sweep_rows
