@@ -41,11 +41,12 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from lora_dist.adapter import lora_state_dict, save_adapter  # noqa: E402
+from lora_dist.generate import cache_argument, output_cache  # noqa: E402
 from lora_dist.inject import inject_lora  # noqa: E402
 from lora_dist.lora import LoraConfig  # noqa: E402
 from lora_dist.multi_lora import MultiLoraModel  # noqa: E402
 from lora_dist.serving.engine import Engine, Request  # noqa: E402
-from lora_dist.serving.kv import cache_argument, left_padded, output_cache  # noqa: E402
+from lora_dist.serving.kv import left_padded  # noqa: E402
 from lora_dist.serving.runtime import load_base, resolve_base  # noqa: E402
 from lora_dist.serving.sampling import SamplingParams  # noqa: E402
 

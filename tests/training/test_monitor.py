@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import mmap
 import time
 from pathlib import Path
 
@@ -68,18 +69,29 @@ def test_other_ranks_and_disabled_bars_write_nothing(
     assert capsys.readouterr().err.splitlines() == ["dev loss: 0.0 s"]  # lines, never bars
 
 
+def touched_pages(size: int) -> mmap.mmap:
+    """`size` bytes of new anonymous memory, every page written (so resident)."""
+    pages = mmap.mmap(-1, size)
+    for offset in range(0, size, mmap.PAGESIZE):
+        pages[offset] = 1
+    return pages
+
+
 def test_peak_memory_after_a_reset_leaves_out_what_came_before() -> None:
     # A 256 MiB spike (as loading or TP setup makes), freed, then a reset: the peak reported
-    # afterwards is the later, smaller use, not the spike.
+    # afterwards is the later, smaller use, not the spike. The spike is fresh anonymous pages
+    # (mmap, every page touched) on top of a reset peak, so neither memory this process freed
+    # earlier nor an earlier test's higher peak can hide it.
     spike = 256 * 2**20
+    assert reset_peak_memory()
     before = peak_memory()
-    buf = bytearray(spike)  # zero-filled: every page touched
+    buf = touched_pages(spike)
     assert peak_memory().allocated >= before.allocated + spike * 0.9
-    del buf
+    buf.close()
     assert reset_peak_memory()
     after = peak_memory()
-    small = bytearray(16 * 2**20)
+    small = touched_pages(16 * 2**20)
     later = peak_memory()
-    del small
+    small.close()
     assert later.allocated < after.allocated + spike / 2
     assert later.kind == "rss" and later.reserved == later.allocated
