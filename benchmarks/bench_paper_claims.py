@@ -5,13 +5,15 @@ bf16, ZeRO-3, the same global batch, epochs and data order), scored by the train
 end-of-run evaluation (greedy SQL generation executed in SQLite). The untrained model (lora-dist
 eval on the bare base) is the floor; then the stages given by --stages, in that order:
 
-  lr         the same 3-point learning-rate sweep (default, x2, x4) for LoRA q,v r=8 and for
-             full fine-tuning (seed 0); the best dev execution accuracy picks each method's lr
-             for the stages after it
+  lr         the same 4-point learning-rate sweep (default, x2, x4, x8) for LoRA q,v r=8 and
+             for full fine-tuning (seed 0); the best dev execution accuracy picks each method's
+             lr for the stages after it
   headline   full fine-tuning vs LoRA q,v r=8, 3 seeds each (Table 4)
   rank       LoRA on q,v with r = 1, 2, 4, 8, 64 (Table 6)
   targets    LoRA on {q}, {v}, {q,v}, {q,k,v,o} and every linear layer at about the q,v r=8
              parameter budget (Table 5)
+  steps      LoRA q,v r=8 and full fine-tuning at twice the epochs (seed 0): whether more steps
+             close the gap that remains at the shared budget
 
 Every run scores all 120 dev prompts (--prompts N: the first N). A run is named by its settings
 and cached in --work_dir, so a configuration shared by two stages trains once. Results go to
@@ -37,8 +39,8 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "benchmarks" / "ds_paper_claims.json"
-LORA_LRS = (1e-3, 2e-3, 4e-3)  # the same sweep for both: the default lr, x2 and x4
-FULL_LRS = (5e-5, 1e-4, 2e-4)
+LORA_LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # the same sweep for both: the default lr, x2, x4, x8
+FULL_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
 SEEDS = (0, 1, 2)
 RANKS = (1, 2, 4, 8, 64)
 # (label, --lora_targets, r): about the parameter budget of q,v at r=8 on SmolLM2
@@ -217,16 +219,23 @@ def main() -> int:
         common += ["--max_steps", "2"]
     n = 4 if a.quick else a.prompts
 
-    def lora(r: int, targets: str, lr: float, seed: int) -> dict | None:
+    def epochs(factor: int) -> tuple[str, list[str]]:
+        """The tag suffix and flags for `factor` times the shared epochs (none at 1)."""
+        return ("", []) if factor == 1 else (f"-ex{factor}", ["--epochs", str(factor * a.epochs)])
+
+    def lora(r: int, targets: str, lr: float, seed: int, factor: int = 1) -> dict | None:
         # Runs are named by their settings, so one configuration is trained once and shared by
         # every stage that needs it (the headline's seed 0 is also a point of each sweep).
-        tag = f"lora-{targets}-r{r}-lr{lr:g}-s{seed}"
+        suffix, more = epochs(factor)
+        tag = f"lora-{targets}-r{r}-lr{lr:g}-s{seed}{suffix}"
         extra = ["--lora_r", str(r), "--lora_alpha", str(2 * r), "--lora_targets", targets]
-        return train(a.work_dir, tag, common, [*extra, "--lr", str(lr), "--seed", str(seed)], n)
+        extra += ["--lr", str(lr), "--seed", str(seed), *more]
+        return train(a.work_dir, tag, common, extra, n)
 
-    def full(lr: float, seed: int) -> dict | None:
-        extra = ["--full_finetune", "--lr", str(lr), "--seed", str(seed)]
-        return train(a.work_dir, f"full-lr{lr:g}-s{seed}", common, extra, n)
+    def full(lr: float, seed: int, factor: int = 1) -> dict | None:
+        suffix, more = epochs(factor)
+        extra = ["--full_finetune", "--lr", str(lr), "--seed", str(seed), *more]
+        return train(a.work_dir, f"full-lr{lr:g}-s{seed}{suffix}", common, extra, n)
 
     def best(runs: list[dict]) -> dict:
         return max(runs, key=lambda r: (r["execution_accuracy"], -r["dev_loss"]))
@@ -289,8 +298,24 @@ def main() -> int:
             ]
             result["target_sweep"] = dict(sweep_rows)
             rows += sweep_rows
+        elif stage == "steps":  # a later flag on the command line wins: --epochs is doubled
+            runs = {
+                "lora": lora(8, "attn", lr_of["lora"], 0, factor=2),
+                "full": full(lr_of["full"], 0, factor=2),
+            }
+            sweep_rows = [
+                (f"{label}, lr {lr_of[k]:g}, {2 * a.epochs:g} epochs", summarize([runs[k]]))
+                for k, label in (("full", "full FT"), ("lora", "LoRA q,v r=8"))
+                if runs[k] is not None
+            ]
+            result["steps"] = dict(sweep_rows)
+            if runs["lora"] is not None and runs["full"] is not None:
+                result["steps"]["ratios"] = ratios(
+                    summarize([runs["full"]]), summarize([runs["lora"]])
+                )
+            rows += sweep_rows
         else:
-            raise SystemExit(f"unknown stage {stage!r}: use lr, headline, rank, targets")
+            raise SystemExit(f"unknown stage {stage!r}: use lr, headline, rank, targets, steps")
         # Written after every stage: a run cut short keeps what it measured.
         (a.results / f"{a.name}.json").write_text(json.dumps(result, indent=2) + "\n")
         plot(a.results / f"{a.name}.png", result["floor"]["execution_accuracy"], rows)
