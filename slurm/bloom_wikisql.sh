@@ -57,18 +57,7 @@ source slurm/launch_common.sh
 
 MODEL_DIR="${1:-${MODEL_DIR:-}}"
 [[ -n "$MODEL_DIR" ]] || lc_die "give the BLOOM-176B checkpoint: sbatch slurm/bloom_wikisql.sh DIR"
-DATA_DIR="${DATA_DIR:-}"  # empty: the WikiSQL sample shipped with the task
-DS_CONFIG="${DS_CONFIG:-ds_configs/zero3_large.json}"  # TP 1, batch 128 at micro-batch 1
-LORA_R="${LORA_R:-4}"
-lc_require_int LORA_R "$LORA_R" 1 64
-LORA_ALPHA="${LORA_ALPHA:-$LORA_R}"
-LORA_TARGETS="${LORA_TARGETS:-attn}"  # the q and v slices of query_key_value
-LR="${LR:-2e-4}"
-EPOCHS="${EPOCHS:-2}"
-MAX_STEPS="${MAX_STEPS:-}"
-SAVE_EVERY="${SAVE_EVERY:-50}"
-ACTIVATION_CHECKPOINTING="${ACTIVATION_CHECKPOINTING:-1}"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/bloom-wikisql-r${LORA_R}}"
+lc_wikisql_recipe bloom ds_configs/zero3_large.json 64  # TP 1, batch 128 at micro-batch 1
 
 lc_trainer_args
 lc_main "${LC_TRAIN_ARGS[@]}"

@@ -80,20 +80,9 @@ cd "$REPO_DIR"
 source slurm/launch_common.sh
 
 MODEL_DIR="${1:-${MODEL_DIR:-}}"  # empty: the trainer's default model
-DATA_DIR="${DATA_DIR:-}"          # empty: the WikiSQL sample shipped with the task
-DS_CONFIG="${DS_CONFIG:-ds_configs/zero3_tp8.json}"
 # The paper fine-tunes GPT-3 with r in 1..8 on q,v (4.7M params at r=1, 37.7M at r=8) and
-# quotes its 35 MB checkpoint at r=4; alpha is fixed to the first r tried, i.e. alpha/r = 1.
-LORA_R="${LORA_R:-4}"
-lc_require_int LORA_R "$LORA_R" 1 8
-LORA_ALPHA="${LORA_ALPHA:-$LORA_R}"
-LORA_TARGETS="${LORA_TARGETS:-attn}"  # the trainer's preset for W_q, W_v of any architecture
-LR="${LR:-2e-4}"
-EPOCHS="${EPOCHS:-2}"
-MAX_STEPS="${MAX_STEPS:-}"
-SAVE_EVERY="${SAVE_EVERY:-50}"
-ACTIVATION_CHECKPOINTING="${ACTIVATION_CHECKPOINTING:-1}"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/gpt3-wikisql-r${LORA_R}}"
+# quotes its 35 MB checkpoint at r=4.
+lc_wikisql_recipe gpt3 ds_configs/zero3_tp8.json 8
 
 lc_trainer_args
 lc_main "${LC_TRAIN_ARGS[@]}"

@@ -289,6 +289,23 @@ lc_main() {
 
 # Fills LC_TRAIN_ARGS with the trainer flags the environment asks for. The batch scripts set
 # the defaults; flags whose variable is empty are left to the trainer's own defaults.
+lc_wikisql_recipe() {  # NAME DEFAULT_DS_CONFIG MAX_R
+    # The paper's WikiSQL recipe (LoRA on the q,v slices, AdamW lr 2e-4, 2 epochs), shared by
+    # every <model>_wikisql.sh; each setting stays overridable from the environment.
+    DATA_DIR="${DATA_DIR:-}" # empty: the WikiSQL sample shipped with the task
+    DS_CONFIG="${DS_CONFIG:-$2}"
+    LORA_R="${LORA_R:-4}"
+    lc_require_int LORA_R "$LORA_R" 1 "$3"
+    LORA_ALPHA="${LORA_ALPHA:-$LORA_R}"   # alpha/r = 1 at the first r tried, as the paper fixes
+    LORA_TARGETS="${LORA_TARGETS:-attn}" # W_q, W_v of any architecture (slices of a fused map)
+    LR="${LR:-2e-4}"
+    EPOCHS="${EPOCHS:-2}"
+    MAX_STEPS="${MAX_STEPS:-}"
+    SAVE_EVERY="${SAVE_EVERY:-50}"
+    ACTIVATION_CHECKPOINTING="${ACTIVATION_CHECKPOINTING:-1}"
+    OUTPUT_DIR="${OUTPUT_DIR:-runs/$1-wikisql-r${LORA_R}}"
+}
+
 lc_trainer_args() {
     LC_TRAIN_ARGS=(--ds_config "$DS_CONFIG" --task "${TASK:-wikisql}" --output_dir "$OUTPUT_DIR"
         --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_targets "$LORA_TARGETS"

@@ -48,18 +48,11 @@ cd "$REPO_DIR"
 source slurm/launch_common.sh
 
 MODEL_DIR="${1:-${MODEL_DIR:-}}"
-DATA_DIR="${DATA_DIR:-}"
-DS_CONFIG="${DS_CONFIG:-ds_configs/zero3_hpz8.json}"
+# The paper's recipe, with r=8, alpha=2r and a checkpoint every 100 steps for these sizes.
 LORA_R="${LORA_R:-8}"
-lc_require_int LORA_R "$LORA_R" 1 256
 LORA_ALPHA="${LORA_ALPHA:-$((2 * LORA_R))}"
-LORA_TARGETS="${LORA_TARGETS:-attn}"
-LR="${LR:-2e-4}"
-EPOCHS="${EPOCHS:-2}"
-MAX_STEPS="${MAX_STEPS:-}"
 SAVE_EVERY="${SAVE_EVERY:-100}"
-ACTIVATION_CHECKPOINTING="${ACTIVATION_CHECKPOINTING:-1}"
-OUTPUT_DIR="${OUTPUT_DIR:-runs/llama-wikisql-r${LORA_R}}"
+lc_wikisql_recipe llama ds_configs/zero3_hpz8.json 256
 
 lc_trainer_args
 lc_main "${LC_TRAIN_ARGS[@]}"
