@@ -122,6 +122,10 @@ class LoraLinear(nn.Module):
                     "nothing. Call unmerge_lora(model) before training."
                 )
             return out
+        return self.add_delta(out, x)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The base output plus this layer's update, placed where the update belongs."""
         return out + self.lora_delta(x).to(out.dtype)
 
     def delta_weight(self) -> torch.Tensor:

@@ -251,15 +251,8 @@ class FusedSliceLora(LoraLinear):
         ]
         return torch.cat(parts, dim=-1) * self.scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged:
-            if self.training and torch.is_grad_enabled():
-                raise RuntimeError(
-                    "this LoRA layer is merged into its base weight; training it would update "
-                    "nothing. Call unmerge_lora(model) before training."
-                )
-            return out
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The update goes into the adapted slices' columns of the fused output only."""
         return out.index_add(-1, self.out_pos, self.lora_delta(x).to(out.dtype))
 
     def slice_delta_rows(self) -> torch.Tensor:

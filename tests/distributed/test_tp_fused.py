@@ -136,16 +136,23 @@ def test_tp2_trains_like_tp1(runs_tp1_tp2):
 
 
 @pytest.mark.multirank
-def test_tp2_adapter_loads_in_peft_and_back_as_slices(runs_tp1_tp2):
-    _, model_dir, _, tp2 = runs_tp1_tp2
+def assert_peft_loads_as_slices(model_dir, adapter_dir, min_change: float = 1e-6) -> PeftModel:
+    """PEFT loads a fused-map adapter as it is (one LoRA on the fused layer) and computes what
+    lora-dist's slice layers compute from the same files; the trained adapter changes the model.
+    Returns PEFT's model for further checks."""
     ids = torch.randint(3, VOCAB, (2, 16), generator=torch.Generator().manual_seed(0))
-    base = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = PeftModel.from_pretrained(base, tp2 / "adapter")
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model_dir), adapter_dir)
     ours = AutoModelForCausalLM.from_pretrained(model_dir)
-    report = load_adapter(ours, tp2 / "adapter")
+    report = load_adapter(ours, adapter_dir)
     assert {type(layer).__name__ for layer in report.layers.values()} == {"FusedSliceLora"}
     with torch.no_grad():
         want = peft.eval()(ids).logits
         torch.testing.assert_close(ours.eval()(ids).logits, want, rtol=1e-5, atol=1e-5)
         base = AutoModelForCausalLM.from_pretrained(model_dir).eval()(ids).logits
-    assert (want - base).abs().max() > 1e-6  # the trained adapter changes the model
+    assert (want - base).abs().max() > min_change  # the trained adapter changes the model
+    return peft
+
+
+def test_tp2_adapter_loads_in_peft_and_back_as_slices(runs_tp1_tp2):
+    _, model_dir, _, tp2 = runs_tp1_tp2
+    assert_peft_loads_as_slices(model_dir, tp2 / "adapter")
