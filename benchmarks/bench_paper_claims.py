@@ -6,8 +6,9 @@ end-of-run evaluation (greedy SQL generation executed in SQLite). The untrained 
 eval on the bare base) is the floor; then the stages given by --stages, in that order:
 
   lr         the same 4-point learning-rate sweep (default, x2, x4, x8) for LoRA q,v r=8 and
-             for full fine-tuning (seed 0); the best dev execution accuracy picks each method's
-             lr for the stages after it
+             for full fine-tuning (seed 0), extended by up to 2 doublings for a method whose best
+             is its highest lr; the best dev execution accuracy picks each method's lr for the
+             stages after it
   headline   full fine-tuning vs LoRA q,v r=8, 3 seeds each (Table 4)
   rank       LoRA on q,v with r = 1, 2, 4, 8, 64 (Table 6)
   targets    LoRA on {q}, {v}, {q,v}, {q,k,v,o} and every linear layer at about the q,v r=8
@@ -41,6 +42,7 @@ REPO = Path(__file__).resolve().parent.parent
 DS_CONFIG = REPO / "benchmarks" / "ds_paper_claims.json"
 LORA_LRS = (1e-3, 2e-3, 4e-3, 8e-3)  # the same sweep for both: the default lr, x2, x4, x8
 FULL_LRS = (5e-5, 1e-4, 2e-4, 4e-4)
+EXTEND_LRS = 2  # more doublings when a method is best at the top of its sweep
 SEEDS = (0, 1, 2)
 RANKS = (1, 2, 4, 8, 64)
 # (label, --lora_targets, r): about the parameter budget of q,v at r=8 on SmolLM2
@@ -240,6 +242,24 @@ def main() -> int:
     def best(runs: list[dict]) -> dict:
         return max(runs, key=lambda r: (r["execution_accuracy"], -r["dev_loss"]))
 
+    def lr_sweep(run: Any, lrs: tuple[float, ...]) -> dict[str, dict]:
+        """`run` at each lr; while the best is the highest lr tried, the sweep goes on doubling
+        (at most EXTEND_LRS more points), so each method's chosen lr has a worse one above it."""
+        lrs, done = list(lrs), {}
+        for lr in lrs:
+            done[lr] = run(lr)
+        extended = 0
+        while not a.quick and extended < EXTEND_LRS:
+            finished = {lr: r for lr, r in done.items() if r is not None}
+            if not finished or best(list(finished.values())) is not finished[max(finished)]:
+                break
+            top = 2 * max(finished)
+            done[top] = run(top)
+            extended += 1
+            if done[top] is None:  # --cached_only and not run yet
+                break
+        return {f"{lr:g}": r for lr, r in sorted(done.items()) if r is not None}
+
     result: dict[str, Any] = {"floor": floor(a.work_dir, model, n)}
     result["settings"] = {"epochs": a.epochs, "prompts": n, "ds_config": str(DS_CONFIG)}
     lr_of = {"lora": a.lora_lr, "full": a.full_lr}
@@ -248,10 +268,9 @@ def main() -> int:
         if stage == "lr":  # seed 0; the chosen lr applies to the stages after this one
             lrs_l, lrs_f = (LORA_LRS[:1], FULL_LRS[:1]) if a.quick else (LORA_LRS, FULL_LRS)
             sweep = {
-                "lora": {f"{lr:g}": lora(8, "attn", lr, 0) for lr in lrs_l},
-                "full": {f"{lr:g}": full(lr, 0) for lr in lrs_f},
+                "lora": lr_sweep(lambda lr: lora(8, "attn", lr, 0), lrs_l),
+                "full": lr_sweep(lambda lr: full(lr, 0), lrs_f),
             }
-            sweep = {k: {lr: r for lr, r in v.items() if r is not None} for k, v in sweep.items()}
             chosen = {k: best(list(v.values())) for k, v in sweep.items()}
             lr_of = {
                 k: float(next(lr for lr, r in sweep[k].items() if r is chosen[k])) for k in sweep
