@@ -387,6 +387,13 @@ def decode_worker(args: argparse.Namespace) -> None:
     Path(args.out).write_text(json.dumps(result))
 
 
+def shutdown() -> None:
+    """A worker's clean exit: tear down the process group it joined (see shutdown_distributed)."""
+    from lora_dist.distributed.launch import shutdown_distributed
+
+    shutdown_distributed()
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "gpu_check.json"))
@@ -399,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker == "decode":
         decode_worker(args)
+        shutdown()
         return 0
     return Check(args).all()
 

@@ -32,7 +32,12 @@ from lora_dist.data.freeform import evaluate_generations, generation_items
 from lora_dist.data.reading import is_user_data, read_rows
 from lora_dist.distributed.collective import all_done_fn, gather_objects_to_main, node_main_first
 from lora_dist.distributed.ds_config import inference_config, load_ds_config, tp_size
-from lora_dist.distributed.launch import discover_ranks, init_distributed, prepare_rank_process
+from lora_dist.distributed.launch import (
+    discover_ranks,
+    init_distributed,
+    prepare_rank_process,
+    shutdown_distributed,
+)
 from lora_dist.distributed.loading import load_base_model
 from lora_dist.distributed.zero import lora_persistence_threshold, merge_sharded, zero_stage
 from lora_dist.errors import ConfigError
@@ -233,6 +238,7 @@ def evaluate(opts: EvalOptions) -> dict[str, Any] | None:
 def run(opts: EvalOptions) -> int:
     prepare_rank_process()
     evaluate(opts)
+    shutdown_distributed()
     return 0
 
 

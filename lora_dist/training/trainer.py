@@ -16,7 +16,6 @@ from typing import Any
 
 import deepspeed
 import torch
-import torch.distributed as dist
 from transformers import AutoTokenizer
 
 from lora_dist.adapter import AdapterSpec
@@ -33,7 +32,7 @@ from lora_dist.distributed.ds_config import (
 )
 from lora_dist.distributed.engine_state import dynamic_loss_scale, seed_everything
 from lora_dist.distributed.host_memory import pin_mmap_threshold
-from lora_dist.distributed.launch import init_distributed
+from lora_dist.distributed.launch import init_distributed, shutdown_distributed
 from lora_dist.distributed.loading import load_base_model
 from lora_dist.distributed.preemption import PreemptionWatch
 from lora_dist.distributed.tp import (
@@ -429,7 +428,5 @@ def train(cfg: TrainConfig) -> int:
     trainer = Trainer(cfg)
     trainer.fit()
     trainer.preemption.close()
-    if dist.is_initialized():  # a clean teardown; without it gloo can abort the process at exit
-        dist.barrier()
-        dist.destroy_process_group()
+    shutdown_distributed()
     return EXIT_PREEMPTED if trainer.stopped_early else 0
