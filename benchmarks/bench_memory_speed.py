@@ -347,13 +347,6 @@ def print_table(res: dict) -> None:
         print(f"{k:<36}{v:>8.3f}")
 
 
-def shutdown() -> None:
-    """A worker's clean exit: tear down the process group it joined (see shutdown_distributed)."""
-    from lora_dist.distributed.launch import shutdown_distributed
-
-    shutdown_distributed()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--size", choices=list(SIZES), default="215m")
@@ -382,11 +375,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker == "latency":
         run_latency(args)
-        shutdown()
         return 0
     if args.worker:
         run_worker(args)
-        shutdown()
         return 0
     if args.quick:
         args.size, args.steps, args.warmup, args.repeats = "quick", 2, 1, 5

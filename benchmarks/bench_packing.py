@@ -214,13 +214,6 @@ def summarize(stats: dict, reports: list[dict]) -> dict:
     return {"timed": timed, "ratios": ratios}
 
 
-def shutdown() -> None:
-    """A worker's clean exit: tear down the process group it joined (see shutdown_distributed)."""
-    from lora_dist.distributed.launch import shutdown_distributed
-
-    shutdown_distributed()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -240,7 +233,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         run_worker(args)
-        shutdown()
         return 0
     if args.quick:
         args.shape, args.examples, args.steps = "quick", 2000, 2

@@ -245,9 +245,7 @@ def main() -> int:
     def lr_sweep(run: Any, lrs: tuple[float, ...]) -> dict[str, dict]:
         """`run` at each lr; while the best is the highest lr tried, the sweep goes on doubling
         (at most EXTEND_LRS more points), so each method's chosen lr has a worse one above it."""
-        lrs, done = list(lrs), {}
-        for lr in lrs:
-            done[lr] = run(lr)
+        done = {lr: run(lr) for lr in lrs}
         extended = 0
         while not a.quick and extended < EXTEND_LRS:
             finished = {lr: r for lr, r in done.items() if r is not None}

@@ -157,13 +157,6 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def shutdown() -> None:
-    """A worker's clean exit: tear down the process group it joined (see shutdown_distributed)."""
-    from lora_dist.distributed.launch import shutdown_distributed
-
-    shutdown_distributed()
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -180,7 +173,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker:
         run_worker(args)
-        shutdown()
         return 0
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)

@@ -348,7 +348,7 @@ def decode_worker(args: argparse.Namespace) -> None:
     from transformers import AutoModelForCausalLM
 
     from lora_dist.distributed.ds_config import inference_config, load_ds_config, model_dtype
-    from lora_dist.distributed.launch import init_distributed
+    from lora_dist.distributed.launch import init_distributed, shutdown_distributed
     from lora_dist.distributed.loading import load_base_model
 
     init_distributed()
@@ -385,12 +385,6 @@ def decode_worker(args: argparse.Namespace) -> None:
     result |= {"zero3_over_plain": round(zero3_tps / plain_tps, 3), "batch": batch}
     result |= {"prompt": prompt, "new_tokens": new, "dtype": str(model_dtype(cfg))}
     Path(args.out).write_text(json.dumps(result))
-
-
-def shutdown() -> None:
-    """A worker's clean exit: tear down the process group it joined (see shutdown_distributed)."""
-    from lora_dist.distributed.launch import shutdown_distributed
-
     shutdown_distributed()
 
 
@@ -406,7 +400,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.worker == "decode":
         decode_worker(args)
-        shutdown()
         return 0
     return Check(args).all()
 

@@ -287,8 +287,6 @@ lc_main() {
     lc_finish "$rc"
 }
 
-# Fills LC_TRAIN_ARGS with the trainer flags the environment asks for. The batch scripts set
-# the defaults; flags whose variable is empty are left to the trainer's own defaults.
 lc_wikisql_recipe() {  # NAME DEFAULT_DS_CONFIG MAX_R
     # The paper's WikiSQL recipe (LoRA on the q,v slices, AdamW lr 2e-4, 2 epochs), shared by
     # every <model>_wikisql.sh; each setting stays overridable from the environment.
@@ -306,6 +304,8 @@ lc_wikisql_recipe() {  # NAME DEFAULT_DS_CONFIG MAX_R
     OUTPUT_DIR="${OUTPUT_DIR:-runs/$1-wikisql-r${LORA_R}}"
 }
 
+# Fills LC_TRAIN_ARGS with the trainer flags the environment asks for. The batch scripts set
+# the defaults; flags whose variable is empty are left to the trainer's own defaults.
 lc_trainer_args() {
     LC_TRAIN_ARGS=(--ds_config "$DS_CONFIG" --task "${TASK:-wikisql}" --output_dir "$OUTPUT_DIR"
         --lora_r "$LORA_R" --lora_alpha "$LORA_ALPHA" --lora_targets "$LORA_TARGETS"
